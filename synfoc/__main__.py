@@ -1,0 +1,3 @@
+from synfoc.cli import main
+
+raise SystemExit(main())

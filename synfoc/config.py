@@ -1,0 +1,112 @@
+"""Typed training configuration with the paper's defaults; presets per dataset as YAML files.
+
+Precedence: dataclass defaults < preset (``--preset``) < ``--config FILE.yaml`` < command line.
+The resolved configuration is written into every run folder as ``config.yaml``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+
+import yaml
+
+PRESETS = ("prostate", "fundus", "mnms", "busi", "demo")
+
+
+@dataclass
+class TrainConfig:
+    # data
+    dataset: str = "synthetic"            # a path, or "synthetic" (the embedded default)
+    format: str = "auto"
+    labeled_domain: str | None = None     # default: the first domain
+    labeled_num: int | None = None
+    labeled_ratio: float | None = None
+    skip_bad: bool = False
+    # method
+    method: str = "synfoc"
+    alpha: str = "smc"
+    consistency: str = "cdcr"
+    threshold: float = 0.95
+    ema_decay: float = 0.99
+    teacher_mode: str = "train"           # the published script keeps both teachers in train mode
+    # models
+    foundation: str = "litemedsam"
+    checkpoint: str | None = None
+    image_size: int | None = None         # foundation input size (None: the model's native size)
+    lora_rank: int = 4
+    grad_checkpointing: bool = False
+    unet_size: int = 256                  # U-Net patch size
+    unet_width: int = 64
+    # optimisation
+    iters: int = 30000
+    batch_labeled: int = 4
+    batch_unlabeled: int = 4
+    lr_unet: float = 0.03
+    momentum_unet: float = 0.9
+    weight_decay_unet: float = 1e-4
+    lr_foundation: float = 1e-4
+    weight_decay_foundation: float = 0.1
+    # augmentation
+    brightness: list[float] = field(default_factory=lambda: [0.1, 2.0])
+    contrast: list[float] = field(default_factory=lambda: [0.1, 2.0])
+    # run
+    seed: int = 1337
+    device: str = "auto"                  # cpu | cuda | auto
+    precision: str = "auto"               # auto | bf16 | fp32
+    compile: bool = False
+    deterministic: bool = False
+    log_every: int = 10
+    checkpoint_every: int = 100
+    eval_every: int = 0                   # >0: evaluate on the test sets every K iterations (--select-on test)
+    synthetic_train: int = 40             # cases per domain of the embedded default
+    synthetic_test: int = 12
+    synthetic_classes: int = 1
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def field_names(cls) -> set[str]:
+        return {f.name for f in dataclasses.fields(cls)}
+
+    def update(self, values: dict, source: str) -> "TrainConfig":
+        unknown = set(values) - self.field_names()
+        if unknown:
+            raise ValueError(f"{source}: unknown setting(s) {', '.join(sorted(unknown))}")
+        return dataclasses.replace(self, **values)
+
+
+def load_yaml(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"config file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ValueError(f"{path}: not valid YAML ({exc})") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected a mapping of setting: value")
+    return data
+
+
+def preset(name: str) -> dict:
+    """The settings the paper fixes for a dataset (``synfoc/presets/NAME.yaml``)."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; choose from {', '.join(PRESETS)}")
+    text = resources.files("synfoc.presets").joinpath(f"{name}.yaml").read_text()
+    return yaml.safe_load(text) or {}
+
+
+def resolve(preset_name: str | None = None, config_file: str | None = None,
+            overrides: dict | None = None) -> TrainConfig:
+    cfg = TrainConfig()
+    if preset_name:
+        cfg = cfg.update(preset(preset_name), f"preset {preset_name}")
+    if config_file:
+        cfg = cfg.update(load_yaml(config_file), config_file)
+    if overrides:
+        cfg = cfg.update({k: v for k, v in overrides.items() if v is not None}, "command line")
+    return cfg

@@ -1,0 +1,166 @@
+"""Evaluation of the students on every domain's test split (method-spec section 5).
+
+The foundation model's logits are upsampled to its input size, soft-maxed and arg-maxed, then
+nearest-resized to the U-Net size; metrics are computed at the U-Net size, per 2D image and per
+reported part, in pixels. Mean over the images of a domain, then the unweighted mean over domains.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from synfoc.metrics import METRIC_NAMES, batch_multiclass_metrics
+
+
+def eval_size(cfg) -> int:
+    """Metrics are computed at the U-Net input size (the paper's protocol)."""
+    return cfg.unet_size
+
+
+@torch.no_grad()
+def predict_labels(model: nn.Module, images: torch.Tensor, out_size: int, device, autocast,
+                   batch: int = 8) -> torch.Tensor:
+    """Arg-max labels (N, out_size, out_size) of a model on uint8 images (N, C, S, S)."""
+    was_training = model.training
+    model.eval()
+    preds = []
+    for i in range(0, images.shape[0], batch):
+        x = images[i:i + batch].to(device).float().div_(255)
+        with autocast():
+            logits = model(x).float()
+        if logits.shape[-1] != x.shape[-1]:  # SAM ViT decoders return input/4
+            logits = F.interpolate(logits, size=x.shape[-2:], mode="bilinear", align_corners=False)
+        lab = logits.softmax(dim=1).argmax(dim=1, keepdim=True).float()
+        if lab.shape[-1] != out_size:
+            lab = F.interpolate(lab, size=(out_size, out_size), mode="nearest")
+        preds.append(lab[:, 0].to(torch.uint8).cpu())
+    model.train(was_training)
+    return torch.cat(preds) if preds else torch.zeros(0, out_size, out_size, dtype=torch.uint8)
+
+
+def evaluate_students(students: dict[str, nn.Module], index, cfg, device, autocast,
+                      progress: bool = False) -> list[dict]:
+    """One row per (student, domain, case, part) with Dice, Jaccard, HD95 and ASD."""
+    from synfoc.data import load_cases
+    size = eval_size(cfg)
+    rows = []
+    for domain in index.domains:
+        cases = index.cases_of(domain, "test")
+        if not cases:
+            continue
+        input_sizes = {"unet": cfg.unet_size}
+        if "foundation" in students:
+            input_sizes["foundation"] = students["foundation"].image_size
+        loaded = load_cases(index, cases, sorted(set(input_sizes.values()) | {size}), progress=progress)
+        truth = loaded.arrays[size][1].numpy()
+        for kind, model in students.items():
+            images = loaded.arrays[input_sizes[kind]][0]
+            pred = predict_labels(model, images, size, device, autocast).numpy()
+            per_case = batch_multiclass_metrics(pred, truth, index.report_parts)
+            for case, metrics in zip(cases, per_case):
+                for part, values in metrics.items():
+                    rows.append({"student": kind, "domain": domain, "case": case.name, "class": part,
+                                 **{m: float(values[m]) for m in METRIC_NAMES}})
+    return rows
+
+
+def summarise(rows: list[dict], cfg, index, selection: str = "final") -> dict:
+    """The summary.json schema: per student, per-domain means (mean over parts of the mean over
+    images) with per-class values inside, and the unweighted mean over domains."""
+    students = {}
+    for kind in dict.fromkeys(r["student"] for r in rows):
+        per_domain = {}
+        for domain in index.domains:
+            drows = [r for r in rows if r["student"] == kind and r["domain"] == domain]
+            if not drows:
+                continue
+            classes = {}
+            for part, _ in index.report_parts:
+                prow = [r for r in drows if r["class"] == part]
+                classes[part] = {m: float(np.mean([r[m] for r in prow])) for m in METRIC_NAMES}
+            per_domain[domain] = {m: float(np.mean([c[m] for c in classes.values()])) for m in METRIC_NAMES}
+            if len(classes) > 1:
+                per_domain[domain]["classes"] = classes
+        mean = {m: float(np.mean([d[m] for d in per_domain.values()])) for m in METRIC_NAMES}
+        students[kind] = {"per_domain": per_domain, "mean": mean}
+    return {"method": cfg.method, "iterations": cfg.iters, "selection": selection,
+            "labeled_domain": cfg.labeled_domain or index.domains[0], "students": students}
+
+
+def markdown_table(summary: dict, domains: list[str]) -> str:
+    """A table laid out like the paper's: per-domain DSC, then average DSC, Jaccard, 95HD, ASD."""
+    names = {"unet": "U-Net", "foundation": "foundation"}
+    head = "| Method | " + " | ".join(domains) + " | DSC Avg | Jaccard | 95HD | ASD |"
+    lines = [head, "|" + "---|" * (len(domains) + 5)]
+    for kind, res in summary["students"].items():
+        cells = [f"{100 * res['per_domain'][d]['dice']:.2f}" if d in res["per_domain"] else "-" for d in domains]
+        m = res["mean"]
+        lines.append(f"| {summary['method']} ({names.get(kind, kind)}) | " + " | ".join(cells)
+                     + f" | {100 * m['dice']:.2f} | {100 * m['jaccard']:.2f} | {m['hd95']:.2f} | {m['asd']:.2f} |")
+    return "\n".join(lines) + "\n"
+
+
+def write_evaluation(rows: list[dict], out: Path, cfg, index, selection: str = "final") -> dict:
+    """Write summary.json, per_case.csv and summary.md into ``out``; return the summary."""
+    summary = summarise(rows, cfg, index, selection)
+    suffix = "" if selection == "final" else f"_{selection}"
+    (out / f"summary{suffix}.json").write_text(json.dumps(summary, indent=2))
+    with (out / f"per_case{suffix}.csv").open("w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=["student", "domain", "case", "class", *METRIC_NAMES])
+        writer.writeheader()
+        writer.writerows(rows)
+    title = "final students" if selection == "final" else "students selected ON THE TEST SETS (optimistic)"
+    (out / f"summary{suffix}.md").write_text(f"# {cfg.method}: {title}\n\n" + markdown_table(summary, index.domains))
+    return summary
+
+
+def load_run(run: Path, dataset: str | None = None, weights_dir: Path | None = None, device: str = "auto"):
+    """(config, dataset index, students on the device, runtime) of a finished run folder."""
+    from safetensors.torch import load_file
+
+    from synfoc.config import TrainConfig, load_yaml
+    from synfoc.models import build_foundation_model, build_unet
+    from synfoc.models.weights import load_trainable
+    from synfoc.train import make_runtime, open_index
+
+    run = Path(run)
+    if not (run / "config.yaml").is_file():
+        raise ValueError(f"{run} is not a synfoc run folder (no config.yaml)")
+    cfg = TrainConfig().update(load_yaml(run / "config.yaml"), str(run / "config.yaml"))
+    cfg = cfg.update({"device": device} | ({"dataset": dataset} if dataset else {}), "command line")
+    rt = make_runtime(cfg)
+    index = open_index(cfg)
+    weights_dir = Path(weights_dir or run)
+    students = {}
+    if (weights_dir / "unet.safetensors").is_file():
+        unet = build_unet(index.channels, index.num_classes, cfg.unet_width)
+        unet.load_state_dict(load_file(str(weights_dir / "unet.safetensors")))
+        students["unet"] = unet
+    if (weights_dir / "foundation.safetensors").is_file():
+        fm = build_foundation_model(cfg.foundation, index.num_classes, lora_rank=cfg.lora_rank,
+                                    image_size=cfg.image_size, checkpoint=cfg.checkpoint)
+        load_trainable(fm, weights_dir / "foundation.safetensors")
+        students["foundation"] = fm
+    if not students:
+        raise ValueError(f"no student weights (unet.safetensors, foundation.safetensors) in {weights_dir}")
+    return cfg, index, {k: m.to(rt.device).eval() for k, m in students.items()}, rt
+
+
+def evaluate_run(run: Path, dataset: str | None = None, select_on: str = "final", device: str = "auto") -> dict:
+    """``synfoc evaluate``: re-evaluate the saved students and rewrite summary, CSV and table."""
+    run = Path(run)
+    weights = run if select_on == "final" else run / "best_on_test"
+    if select_on == "test" and not (weights / "best.json").is_file():
+        raise ValueError(f"{run} has no test-selected students: train with --eval-every K to keep them")
+    cfg, index, students, rt = load_run(run, dataset, weights, device)
+    rows = evaluate_students(students, index, cfg, rt.device, rt.autocast, progress=True)
+    summary = write_evaluation(rows, run, cfg, index, "final" if select_on == "final" else "test-selected")
+    print(markdown_table(summary, index.domains))
+    return summary

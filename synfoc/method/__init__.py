@@ -1,0 +1,1 @@
+"""The method: SynFoC's training step, its baselines, losses and EMA teachers."""

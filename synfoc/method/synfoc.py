@@ -1,0 +1,212 @@
+"""One SynFoC training iteration, equation by equation (paper section 3, method-spec section 4).
+
+UT = the U-Net, MS = the foundation model (MedSAM family); a hat (``teacher_``) = EMA teacher.
+Everything stays on the device: no host synchronisation happens inside :meth:`SynFoC.step`.
+"""
+
+from __future__ import annotations
+
+import math
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from synfoc.augment import intermediate_sample
+from synfoc.method.losses import ce_dice_loss, divergence_mse, entropy_on_consensus, part_dice
+
+ALPHA_STRATEGIES = ("smc", "self", "mutual", "constant", "linear", "cps")
+CONSISTENCIES = ("cdcr", "cr", "none")
+
+
+@dataclass
+class Views:
+    """One iteration's inputs on the device. ``*_u`` at the U-Net input size, ``*_f`` at the
+    foundation input size; labels are long (B, H, W). ``box`` is the intermediate-sample mask M at
+    each size. ``unlabeled_truth`` (hidden labels of U_w) is only used for monitoring."""
+
+    x_u: torch.Tensor
+    y_u: torch.Tensor
+    x_f: torch.Tensor | None = None
+    y_f: torch.Tensor | None = None
+    uw_u: torch.Tensor | None = None
+    us_u: torch.Tensor | None = None
+    uw_f: torch.Tensor | None = None
+    us_f: torch.Tensor | None = None
+    box_u: torch.Tensor | None = None
+    box_f: torch.Tensor | None = None
+    unlabeled_truth: torch.Tensor | None = None
+
+
+def ramp_weight(t: int, total: int) -> float:
+    """lambda(t) = exp(-5 (1 - t/T)^2): the sigmoid ramp-up of the published script (method-spec
+    4.8; the paper's Eq. 2 omits the square)."""
+    return math.exp(-5.0 * (1.0 - min(t, total) / total) ** 2)
+
+
+def resize_probs(p: torch.Tensor, size: int) -> torch.Tensor:
+    return p if p.shape[-1] == size else F.interpolate(p, size=(size, size), mode="bilinear", align_corners=False)
+
+
+def resize_labels(y: torch.Tensor, size: int) -> torch.Tensor:
+    if y.shape[-1] == size:
+        return y
+    return F.interpolate(y[:, None].float(), size=(size, size), mode="nearest")[:, 0].to(y.dtype)
+
+
+def ensemble(p_ut: torch.Tensor, p_ms: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
+    """Eq. (3): P^EN = alpha * P^UT + (1 - alpha) * P^MS, alpha per instance (B, 1, 1, 1)."""
+    return alpha * p_ut + (1 - alpha) * p_ms
+
+
+def pseudo_label(p: torch.Tensor, threshold: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Q = argmax P and the confidence mask W = max P > threshold."""
+    conf, q = p.max(dim=1)
+    return q, conf > threshold
+
+
+def consensus_mask(p_ut: torch.Tensor, p_ms: torch.Tensor) -> torch.Tensor:
+    """Eq. (8): M_c = 1(argmax P^UT == argmax P^MS); M_d = 1 - M_c."""
+    return p_ut.argmax(dim=1) == p_ms.argmax(dim=1)
+
+
+@contextmanager
+def frozen_batchnorm_stats(model: nn.Module):
+    """Run a model in train mode (batch statistics) without moving its running statistics."""
+    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    saved = [m.momentum for m in bns]
+    for m in bns:
+        m.momentum = 0.0
+    try:
+        yield
+    finally:
+        for m, mom in zip(bns, saved):
+            m.momentum = mom
+
+
+def probs_of(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    return torch.softmax(model(x).float(), dim=1)
+
+
+class SynFoC(nn.Module):
+    """Both students and both EMA teachers, and the loss of one iteration.
+
+    Args:
+        unet, foundation: the students; teacher_unet, teacher_foundation: their EMA teachers.
+        parts: foreground parts for SMC, as tuples of label values (Fundus: cup, cup+rim).
+        threshold: confidence threshold of the ensemble pseudo-label (0.95).
+        alpha: "smc" (Eq. 6), "self", "mutual", "constant" (0.5), "linear" (t/T) or "cps".
+        consistency: "cdcr" (Eqs. 8-10), "cr" (MSE between the students everywhere) or "none".
+    """
+
+    def __init__(self, unet: nn.Module, foundation: nn.Module, teacher_unet: nn.Module,
+                 teacher_foundation: nn.Module, parts: list[tuple[int, ...]], threshold: float = 0.95,
+                 alpha: str = "smc", consistency: str = "cdcr") -> None:
+        super().__init__()
+        if alpha not in ALPHA_STRATEGIES:
+            raise ValueError(f"unknown alpha strategy {alpha!r}; choose from {', '.join(ALPHA_STRATEGIES)}")
+        if consistency not in CONSISTENCIES:
+            raise ValueError(f"unknown consistency {consistency!r}; choose from {', '.join(CONSISTENCIES)}")
+        self.unet, self.foundation = unet, foundation
+        self.teacher_unet, self.teacher_foundation = teacher_unet, teacher_foundation
+        self.parts, self.threshold = parts, threshold
+        self.alpha_strategy, self.consistency = alpha, consistency
+
+    def alpha(self, self_conf: torch.Tensor, mutual_conf: torch.Tensor, t: int, total: int):
+        """Ensemble weights (alpha for the UT target, alpha for the MS target), each (B,1,1,1)."""
+        b = self_conf.shape[0]
+        if self.alpha_strategy == "smc":
+            a = self_conf * mutual_conf                       # Eq. (6)
+        elif self.alpha_strategy == "self":
+            a = self_conf
+        elif self.alpha_strategy == "mutual":
+            a = mutual_conf
+        elif self.alpha_strategy == "constant":
+            a = torch.full_like(self_conf, 0.5)
+        elif self.alpha_strategy == "linear":
+            a = torch.full_like(self_conf, min(t, total) / total)
+        else:  # cps: each model learns from the other's teacher only
+            zeros, ones = torch.zeros_like(self_conf), torch.ones_like(self_conf)
+            return zeros.view(b, 1, 1, 1), ones.view(b, 1, 1, 1)
+        a = a.view(b, 1, 1, 1)
+        return a, a
+
+    def step(self, v: Views, t: int, total: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        su, so = v.x_u.shape[-1], None
+        # 1. Teachers on U_w, no gradient.
+        with torch.inference_mode():
+            p_ut_hat = probs_of(self.teacher_unet, v.uw_u)
+            p_ms_hat_native = probs_of(self.teacher_foundation, v.uw_f)
+            # Self-confidence compares the UT student with its teacher on U_w: a forward without a
+            # graph and without touching BatchNorm's running statistics.
+            with frozen_batchnorm_stats(self.unet):
+                q_ut_student = self.unet(v.uw_u).argmax(dim=1)
+        p_ut_hat, p_ms_hat_native, q_ut_student = p_ut_hat.clone(), p_ms_hat_native.clone(), q_ut_student.clone()
+        so = p_ms_hat_native.shape[-1]
+        p_ms_hat = resize_probs(p_ms_hat_native, su)
+        q_ut_hat, q_ms_hat = p_ut_hat.argmax(dim=1), p_ms_hat.argmax(dim=1)
+
+        # 2. Self-mutual confidence, per instance and detached (Eqs. 4-6).
+        self_conf = part_dice(q_ut_student, q_ut_hat, self.parts)    # Eq. (4)
+        mutual_conf = part_dice(q_ms_hat, q_ut_hat, self.parts)      # Eq. (5)
+        alpha_ut, alpha_ms = self.alpha(self_conf, mutual_conf, t, total)
+
+        # 3. Ensemble pseudo-labels and confidence masks (Eq. 3), at the U-Net size and, resized
+        #    then thresholded again, at the foundation model's output size.
+        p_en_ut = ensemble(p_ut_hat, p_ms_hat, alpha_ut)
+        p_en_ms = resize_probs(ensemble(p_ut_hat, p_ms_hat, alpha_ms), so)
+        q_en_ut, w_en_ut = pseudo_label(p_en_ut, self.threshold)
+        q_en_ms, w_en_ms = pseudo_label(p_en_ms, self.threshold)
+
+        # 4. Intermediate samples (Eq. 1): the box M takes the labeled image and label.
+        u_c_u = intermediate_sample(v.x_u, v.us_u, v.box_u)
+        u_c_f = intermediate_sample(v.x_f, v.us_f, v.box_f)
+        box_o = resize_labels(v.box_f, so)
+        y_o = resize_labels(v.y_f, so)
+        q_c_ut = intermediate_sample(v.y_u, q_en_ut, v.box_u)
+        q_c_ms = intermediate_sample(y_o, q_en_ms, box_o)
+        w_c_ut = v.box_u | w_en_ut      # inside the box the label is true: confidence 1
+        w_c_ms = box_o | w_en_ms
+
+        # 5. Students. MS sees X_w and U_c in one batch (its trainable parts have no BatchNorm);
+        #    the U-Net sees them separately, as in the paper, since BatchNorm mixes a batch.
+        b = v.x_u.shape[0]
+        logits_ms = self.foundation(torch.cat([v.x_f, u_c_f]))
+        logits_ms_x, logits_ms_c = logits_ms[:b], logits_ms[b:]
+        logits_ut_x = self.unet(v.x_u)
+        logits_ut_c = self.unet(u_c_u)
+
+        # 6. Losses. L_x: supervised CE + Dice of each student (MS against nearest-resized labels).
+        loss_x = ce_dice_loss(logits_ut_x, v.y_u) + ce_dice_loss(logits_ms_x, y_o)
+        # L_u (Eq. 7): masked CE + masked Dice against the intermediate pseudo-label Q_c.
+        loss_u = ce_dice_loss(logits_ut_c, q_c_ut, w_c_ut) + ce_dice_loss(logits_ms_c, q_c_ms, w_c_ms)
+
+        p_c_ut = torch.softmax(logits_ut_c.float(), dim=1)
+        p_c_ms_native = torch.softmax(logits_ms_c.float(), dim=1)
+        p_c_ms = resize_probs(p_c_ms_native, su)
+        zero = p_c_ut.new_zeros(())
+        loss_c, loss_d = zero, zero
+        if self.consistency == "cdcr":
+            m_c = consensus_mask(p_c_ut.detach(), p_c_ms.detach())          # Eq. (8)
+            m_d = ~m_c
+            loss_c = 0.5 * (entropy_on_consensus(p_c_ut, m_c)               # Eq. (9)
+                            + entropy_on_consensus(p_c_ms_native, resize_labels(m_c, so)))
+            loss_d = divergence_mse(p_c_ut, p_c_ms, m_d)                    # Eq. (10)
+        elif self.consistency == "cr":
+            loss_d = ((p_c_ut - p_c_ms) ** 2).mean()
+
+        lam = ramp_weight(t, total)
+        loss = loss_x + lam * (loss_u + loss_c + loss_d)                    # Eq. (2)
+
+        logs = {"loss": loss.detach(), "loss_x": loss_x.detach(), "loss_u": loss_u.detach(),
+                "loss_c": loss_c.detach(), "loss_d": loss_d.detach(), "lambda": torch.tensor(lam),
+                "alpha": alpha_ut.mean(), "self_confidence": self_conf.mean(),
+                "mutual_confidence": mutual_conf.mean(), "confident_fraction": w_en_ut.float().mean()}
+        if v.unlabeled_truth is not None:  # monitoring only: pseudo-label quality (Fig. 6)
+            truth = v.unlabeled_truth
+            logs["pseudo_dice_unet"] = part_dice(q_ut_hat, truth, self.parts).mean()
+            logs["pseudo_dice_foundation"] = part_dice(q_ms_hat, truth, self.parts).mean()
+            logs["pseudo_dice_ensemble"] = part_dice(q_en_ut, truth, self.parts).mean()
+        return loss, logs
