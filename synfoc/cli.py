@@ -45,6 +45,13 @@ def _add_train_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
+VERB_MODULES = [
+    ("predict", "synfoc.predict", "segment new images or NIfTI volumes with a trained run"),
+    ("report", "synfoc.report", "write a self-contained HTML report of a run"),
+    ("sweep", "synfoc.sweep", "one run per (method, labeled domain) and the paper's tables"),
+]
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="synfoc", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -66,6 +73,10 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--json", action="store_true")
 
     sub.add_parser("models", help="list the foundation models")
+
+    # verbs whose options live beside their code: each module has add_arguments(parser) and main(args)
+    for verb, module, text in VERB_MODULES:
+        __import__(module, fromlist=["add_arguments"]).add_arguments(sub.add_parser(verb, help=text))
     return parser
 
 
@@ -135,6 +146,9 @@ def main(argv: list[str] | None = None) -> int:
             return data_check_main(args.path, args.format, as_json=args.json)
         if args.command == "models":
             return _models(args)
+        for verb, module, _ in VERB_MODULES:
+            if args.command == verb:
+                return __import__(module, fromlist=["main"]).main(args)
     except (DataError, TrainingError, ValueError, FileNotFoundError) as exc:
         if os.environ.get("SYNFOC_DEBUG"):
             raise

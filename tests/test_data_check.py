@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -32,6 +31,22 @@ def test_truncated_and_unreadable_images(tmp_path):
     assert index.problems == check_dataset(index)
     with pytest.raises(DataError, match="00_01.png"):
         index.read(next(c for c in index.cases if c.image == truncated))
+
+
+def test_truncated_nifti(tmp_path):
+    rng = np.random.default_rng(0)
+    for split in ("train", "test"):
+        for name in ("a.nii", "b.nii.gz"):
+            make_nifti(tmp_path / "s" / split / "images" / name,
+                       rng.integers(0, 256, (16, 20, 3)).astype(np.uint8), np.eye(4), (1, 1, 1))
+            make_nifti(tmp_path / "s" / split / "masks" / name, np.ones((16, 20, 3), np.uint8),
+                       np.eye(4), (1, 1, 1))
+    broken = [tmp_path / "s" / "test" / "images" / n for n in ("a.nii", "b.nii.gz")]
+    for path in broken:
+        path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    found = problems_by_file(check_dataset(open_dataset(tmp_path)))
+    assert set(found) == {str(p) for p in broken}
+    assert all("unreadable" in text for text in found.values())
 
 
 def test_missing_and_unpaired_masks(tmp_path):

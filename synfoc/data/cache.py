@@ -10,12 +10,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from typing import TYPE_CHECKING
+
 import numpy as np
-import torch
 from PIL import Image
 from tqdm import tqdm
 
 from synfoc.data.base import Case, DataError, DatasetIndex
+
+if TYPE_CHECKING:  # torch is imported when cases are loaded, so `synfoc data check` starts fast
+    import torch
 
 _Size = int | tuple[int, int]
 
@@ -98,6 +102,8 @@ def load_cases(index: DatasetIndex, cases: list[Case], sizes: list[int],
     Raises:
         DataError: a case cannot be read (run ``synfoc data check`` to list every problem).
     """
+    import torch
+
     sizes = list(dict.fromkeys(int(s) for s in sizes))  # unique, order kept
     n, c = len(cases), index.channels
     loaded = LoadedCases(cases=list(cases))

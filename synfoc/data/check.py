@@ -51,9 +51,10 @@ def scan_dataset(index: DatasetIndex, progress: bool = False) -> CheckSummary:
         h, w = sample.label.shape
         summary.min_size = (h, w) if summary.min_size is None else (min(h, summary.min_size[0]), min(w, summary.min_size[1]))
         summary.max_size = (h, w) if summary.max_size is None else (max(h, summary.max_size[0]), max(w, summary.max_size[1]))
-        counts = np.bincount(sample.label.ravel(), minlength=256)  # labels are uint8
-        for v in np.flatnonzero(counts).tolist():
-            summary.label_pixels[v] = summary.label_pixels.get(v, 0) + int(counts[v])
+        for v in range(index.num_classes + 1):  # read() only gives labels 0..C
+            n = int(np.count_nonzero(sample.label == v))
+            if n:
+                summary.label_pixels[v] = summary.label_pixels.get(v, 0) + n
     return summary
 
 

@@ -1,0 +1,212 @@
+"""The equations of the SynFoC step, each against an independent (numpy or loop) computation."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from synfoc.augment import (AugmentConfig, box_mask, draw_boxes, draw_strong, intermediate_sample, strong,
+                            warp, weak_grid)
+from synfoc.method.ema import ema_decay, ema_update, make_teacher
+from synfoc.method.losses import ce_dice_loss, dice_loss, divergence_mse, entropy_on_consensus, part_dice
+from synfoc.method.synfoc import SynFoC, Views, consensus_mask, ensemble, pseudo_label, ramp_weight
+from synfoc.models.unet import build_unet
+
+
+def rng_probs(b=2, c=3, h=8, w=8, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.softmax(3 * torch.randn(b, c, h, w, generator=g), dim=1)
+
+
+def test_dice_loss_matches_numpy():
+    p = rng_probs()
+    y = torch.randint(0, 3, (2, 8, 8), generator=torch.Generator().manual_seed(1))
+    w = torch.rand(2, 8, 8, generator=torch.Generator().manual_seed(2)) > 0.3
+    pn, yn, wn = p.numpy().astype(np.float64), y.numpy(), w.numpy()
+    for weight in (None, w):
+        losses = []
+        for k in range(3):
+            yk = (yn == k).astype(np.float64)
+            m = np.ones_like(yk) if weight is None else wn.astype(np.float64)
+            inter = (pn[:, k] * yk * m).sum()
+            den = (pn[:, k] ** 2 * m).sum() + (yk ** 2 * m).sum()
+            losses.append(1 - (2 * inter + 1e-10) / (den + 1e-10))
+        assert dice_loss(p, y, weight).item() == pytest.approx(np.mean(losses), rel=1e-5)
+
+
+def test_masked_ce_is_mean_over_all_pixels():
+    logits = torch.randn(2, 3, 4, 4, generator=torch.Generator().manual_seed(0))
+    y = torch.randint(0, 3, (2, 4, 4), generator=torch.Generator().manual_seed(1))
+    w = torch.zeros(2, 4, 4, dtype=torch.bool)
+    w[0, :2] = True
+    logp = torch.log_softmax(logits, 1).numpy()
+    ce = -np.take_along_axis(logp, y.numpy()[:, None], 1)[:, 0]
+    expected = (ce * w.numpy()).sum() / ce.size  # all pixels in the denominator, not only confident ones
+    probs = torch.softmax(logits, 1)
+    got = ce_dice_loss(logits, y, w) - dice_loss(probs, y, w)
+    assert got.item() == pytest.approx(expected, rel=1e-5)
+
+
+def test_part_dice_eq4_formula_and_empty_rule():
+    a = torch.zeros(3, 6, 6, dtype=torch.long)
+    b = torch.zeros(3, 6, 6, dtype=torch.long)
+    a[0, :2, :3] = 1          # 6 px
+    b[0, :3, :3] = 1          # 9 px, overlap 6
+    a[1, 0, 0] = 2            # class 2 only in a: parts (1,), (1,2)
+    # sample 2: both empty -> exactly 1
+    d = part_dice(a, b, [(1,), (1, 2)])
+    s0 = (2 * 6 + 1) / (6 + 9 + 1.001)
+    s1_part1 = 1.0                                  # both empty for class 1
+    s1_part12 = (2 * 0 + 1) / (1 + 0 + 1.001)
+    assert d[0].item() == pytest.approx(s0, rel=1e-6)
+    assert d[1].item() == pytest.approx((s1_part1 + s1_part12) / 2, rel=1e-6)
+    assert d[2].item() == 1.0
+
+
+def test_alpha_per_instance_and_strategies():
+    self_c, mutual_c = torch.tensor([0.9, 0.2]), torch.tensor([0.5, 1.0])
+    dummy = nn.Identity()
+    for strategy, expected in [("smc", [0.45, 0.2]), ("self", [0.9, 0.2]), ("mutual", [0.5, 1.0]),
+                               ("constant", [0.5, 0.5]), ("linear", [0.25, 0.25])]:
+        m = SynFoC(dummy, dummy, dummy, dummy, [(1,)], alpha=strategy)
+        a_ut, a_ms = m.alpha(self_c, mutual_c, 25, 100)
+        assert a_ut.shape == (2, 1, 1, 1)
+        assert torch.allclose(a_ut.flatten(), torch.tensor(expected))
+        assert torch.equal(a_ut, a_ms)
+    a_ut, a_ms = SynFoC(dummy, dummy, dummy, dummy, [(1,)], alpha="cps").alpha(self_c, mutual_c, 3, 10)
+    assert torch.all(a_ut == 0) and torch.all(a_ms == 1)  # UT learns from MS only and vice versa
+
+
+def test_ensemble_and_confidence_mask_eq3():
+    p_ut, p_ms = rng_probs(seed=1), rng_probs(seed=2)
+    alpha = torch.tensor([0.3, 0.8]).view(2, 1, 1, 1)
+    p_en = ensemble(p_ut, p_ms, alpha)
+    for i, a in enumerate([0.3, 0.8]):
+        assert torch.allclose(p_en[i], a * p_ut[i] + (1 - a) * p_ms[i])
+    q, w = pseudo_label(p_en, 0.95)
+    assert torch.equal(q, p_en.argmax(1))
+    assert torch.equal(w, p_en.max(1).values > 0.95)
+
+
+def test_intermediate_sample_takes_box_from_labeled():
+    g = torch.Generator().manual_seed(0)
+    boxes = draw_boxes(4, AugmentConfig(), g)
+    m = box_mask(boxes, 32, "cpu")
+    area = m.float().mean(dim=(1, 2))
+    assert torch.all(area > 0.01) and torch.all(area < 0.45)
+    x = torch.full((4, 1, 32, 32), 1.0)
+    u = torch.full((4, 1, 32, 32), 2.0)
+    uc = intermediate_sample(x, u, m)
+    assert torch.equal(uc[:, 0] == 1.0, m)          # image pixels inside the box come from X_w
+    y = torch.full((4, 32, 32), 1, dtype=torch.long)
+    q = torch.full((4, 32, 32), 2, dtype=torch.long)
+    qc = intermediate_sample(y, q, m)
+    assert torch.equal(qc == 1, m)                   # label pixels inside the box come from Y_w
+    # the box is one rectangle per sample
+    for i in range(4):
+        rows, cols = m[i].any(1), m[i].any(0)
+        assert m[i].sum() == rows.sum() * cols.sum()
+
+
+def test_cdcr_masks_and_terms():
+    p_ut, p_ms = rng_probs(seed=3), rng_probs(seed=4)
+    m_c = consensus_mask(p_ut, p_ms)
+    assert torch.equal(m_c, p_ut.argmax(1) == p_ms.argmax(1))
+    ent = -(p_ut * torch.log(p_ut)).numpy() * m_c.numpy()[:, None]
+    assert entropy_on_consensus(p_ut, m_c).item() == pytest.approx(ent.mean(), rel=1e-5)
+    mse = ((p_ms - p_ut).numpy() ** 2) * (~m_c).numpy()[:, None]
+    assert divergence_mse(p_ut, p_ms, ~m_c).item() == pytest.approx(mse.mean(), rel=1e-5)
+    assert divergence_mse(p_ut, p_ms, ~m_c).item() >= 0  # minimised positive MSE (spec 4.6)
+
+
+def test_lambda_ramp():
+    assert ramp_weight(0, 100) == pytest.approx(math.exp(-5))
+    assert ramp_weight(50, 100) == pytest.approx(math.exp(-5 * 0.25))
+    assert ramp_weight(100, 100) == 1.0
+    assert ramp_weight(200, 100) == 1.0
+
+
+def test_first_ema_step_copies_student_then_decays():
+    student = build_unet(1, 1, 4)
+    teacher = make_teacher(student)
+    with torch.no_grad():
+        for p in student.parameters():
+            p.add_(1.0)
+    ema_update(teacher, student, 0)
+    for (n, t), s in zip(teacher.named_parameters(), student.parameters()):
+        assert torch.equal(t, s), n
+    assert ema_decay(0) == 0 and ema_decay(1) == 0.5 and ema_decay(10_000) == 0.99
+    before = [t.clone() for t in teacher.parameters()]
+    with torch.no_grad():
+        for p in student.parameters():
+            p.add_(1.0)
+    ema_update(teacher, student, 1)  # a = 0.5
+    for b, t, s in zip(before, teacher.parameters(), student.parameters()):
+        assert torch.allclose(t, 0.5 * b + 0.5 * s)
+    assert not any(p.requires_grad for p in teacher.parameters())
+
+
+def test_teacher_shares_frozen_parameters():
+    student = nn.Sequential(nn.Linear(3, 3), nn.Linear(3, 3))
+    student[0].weight.requires_grad_(False)
+    teacher = make_teacher(student)
+    assert teacher[0].weight is student[0].weight
+    assert teacher[1].weight is not student[1].weight
+
+
+def test_augmentation_geometry_is_shared_between_resolutions():
+    g = torch.Generator().manual_seed(0)
+    grid = weak_grid(3, 32, AugmentConfig(p=1.0), g)
+    lab = torch.zeros(3, 64, 64, dtype=torch.long)
+    lab[:, 16:48, 20:40] = 1
+    img = lab[:, None].float()
+    small_img, small_lab = warp(img[..., ::2, ::2].contiguous(), lab[:, ::2, ::2].contiguous(), grid)
+    big_img, big_lab = warp(img, lab, grid)
+    # the same transform at two sizes: the big warped label, downsampled, matches the small one
+    agree = (big_lab[:, ::2, ::2] == small_lab).float().mean()
+    assert agree > 0.97
+    assert set(big_lab.unique().tolist()) <= {0, 1}  # nearest: no new label values
+
+
+def test_strong_view_photometric_only():
+    g = torch.Generator().manual_seed(0)
+    cfg = AugmentConfig()
+    x = torch.rand(2, 1, 32, 32)
+    params = draw_strong(2, cfg, g)
+    y = strong(x, params, cfg, 32)
+    assert y.shape == x.shape and y.min() >= 0 and y.max() <= 1
+    assert torch.all((params.brightness >= 0.1) & (params.brightness <= 2.0))
+
+
+def test_synfoc_step_gradients_reach_both_students_and_alpha_detached():
+    torch.manual_seed(0)
+
+    class TinySeg(nn.Module):
+        def __init__(self, cin, out_scale=1):
+            super().__init__()
+            self.conv = nn.Conv2d(cin, 2, 3, padding=1)
+            self.image_size = 16
+
+        def forward(self, x):
+            return self.conv(x)
+
+    unet, fm = TinySeg(1), TinySeg(1)
+    m = SynFoC(unet, fm, make_teacher(unet), make_teacher(fm), [(1,)])
+    g = torch.Generator().manual_seed(0)
+    box = box_mask(draw_boxes(2, AugmentConfig(), g), 16, "cpu")
+    x = torch.rand(2, 1, 16, 16)
+    y = (x[:, 0] > 0.5).long()
+    v = Views(x_u=x, y_u=y, x_f=x, y_f=y, uw_u=torch.rand(2, 1, 16, 16), us_u=torch.rand(2, 1, 16, 16),
+              box_u=box, box_f=box, unlabeled_truth=y)
+    v.uw_f, v.us_f = v.uw_u, v.us_u
+    loss, logs = m.step(v, 50, 100)
+    loss.backward()
+    assert unet.conv.weight.grad.abs().sum() > 0 and fm.conv.weight.grad.abs().sum() > 0
+    assert not logs["alpha"].requires_grad
+    assert 0 <= logs["alpha"].item() <= 1
+    # consistency "none" turns both CDCR terms off
+    m.consistency = "none"
+    _, logs = m.step(v, 50, 100)
+    assert logs["loss_c"].item() == 0 and logs["loss_d"].item() == 0
