@@ -76,6 +76,22 @@ class TrainConfig:
         unknown = set(values) - self.field_names()
         if unknown:
             raise ValueError(f"{source}: unknown setting(s) {', '.join(sorted(unknown))}")
+        values = dict(values)
+        for f in dataclasses.fields(self):
+            v, kind = values.get(f.name), str(f.type).replace(" | None", "")
+            if v is None or kind not in ("float", "int", "bool"):
+                continue
+            try:
+                if kind == "bool" and isinstance(v, str):
+                    values[f.name] = {"true": True, "false": False}[v.lower()]
+                elif kind != "bool":
+                    values[f.name] = int(v) if kind == "int" else float(v)
+            except (KeyError, ValueError):
+                raise ValueError(f"{source}: {f.name} must be a {kind}, got {v!r}") from None
+        if values.get("labeled_num") is not None:   # the last one given wins
+            values.setdefault("labeled_ratio", None)
+        elif values.get("labeled_ratio") is not None:
+            values.setdefault("labeled_num", None)
         return dataclasses.replace(self, **values)
 
 

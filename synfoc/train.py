@@ -246,6 +246,7 @@ def train(cfg: TrainConfig, out: Path, resume: bool = False, progress: bool = Tr
 
     from synfoc.data import split_labeled, write_split
     from synfoc.evaluate import evaluate_students, write_evaluation
+    from synfoc.report import write_progress_png
 
     rt = make_runtime(cfg)
     if cfg.deterministic:
@@ -337,7 +338,10 @@ def train(cfg: TrainConfig, out: Path, resume: bool = False, progress: bool = Tr
     sums: dict[str, torch.Tensor] = {}
     count = 0
     t0 = time.time()
+    fault_at = int(os.environ.get("SYNFOC_FAULT_AT_STEP", -1))  # fault injection for the resume tests
     for t in bar:
+        if t == fault_at:
+            os.kill(os.getpid(), 9)
         views = make_views(cfg, aug, labeled, unlabeled, t, sizes, rt, seed)
         with rt.autocast():
             loss, logs = method.step(views, t, cfg.iters)
@@ -367,6 +371,8 @@ def train(cfg: TrainConfig, out: Path, resume: bool = False, progress: bool = Tr
                 history.flush()
             if (t + 1) % cfg.checkpoint_every == 0 or last:
                 save_checkpoint(t + 1)
+                if rt.master:
+                    write_progress_png(out)
         if cfg.eval_every and (t + 1) % cfg.eval_every == 0 and rt.master:
             _track_best_on_test(cfg, index, {k: unwrap(m) for k, m in students.items()}, out, t + 1, rt, writer)
     bar.close()
@@ -383,8 +389,6 @@ def train(cfg: TrainConfig, out: Path, resume: bool = False, progress: bool = Tr
             for metric, v in res["mean"].items():
                 writer.add_scalar(f"test/{kind}/{metric}", v, cfg.iters)
         writer.close()
-        from synfoc.report import write_progress_png
-        write_progress_png(out)
     if rt.world > 1:
         dist.barrier()
     return summary

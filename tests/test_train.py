@@ -1,0 +1,96 @@
+"""End to end: a tiny SynFoC run, resume after SIGKILL, and the command line's user errors."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from synfoc.cli import main
+
+TINY = ["--unet-size", "32", "--unet-width", "4", "--image-size", "64", "--batch-labeled", "2",
+        "--batch-unlabeled", "2", "--labeled-num", "2", "--no-progress", "--device", "cpu"]
+
+
+def tiny_config(tmp_path: Path, **extra) -> Path:
+    cfg = {"synthetic_train": 4, "synthetic_test": 2, "log_every": 1, "checkpoint_every": 2}
+    cfg.update(extra)
+    path = tmp_path / "tiny.yaml"
+    path.write_text("\n".join(f"{k}: {v}" for k, v in cfg.items()))
+    return path
+
+
+def run_cli(args, env=None):
+    return subprocess.run([sys.executable, "-m", "synfoc", *args], capture_output=True, text=True,
+                          env={**os.environ, "OMP_NUM_THREADS": "2", **(env or {})}, timeout=600)
+
+
+def test_end_to_end_tiny_synfoc(tmp_path):
+    cfg = tiny_config(tmp_path, dataset="synthetic", labeled_domain="siteA")
+    out = tmp_path / "run"
+    assert main(["train", "--config", str(cfg), "--out", str(out), "--iters", "3", *TINY]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["method"] == "synfoc" and summary["iterations"] == 3
+    for student in ("unet", "foundation"):
+        res = summary["students"][student]
+        assert set(res["per_domain"]) == {"siteA", "siteB", "siteC"}
+        for d in res["per_domain"].values():
+            assert 0 <= d["dice"] <= 1 and 0 <= d["jaccard"] <= d["dice"] + 1e-9
+            assert d["hd95"] >= 0 and d["asd"] >= 0
+        means = [res["per_domain"][k]["dice"] for k in res["per_domain"]]
+        assert res["mean"]["dice"] == pytest.approx(sum(means) / 3)
+    for name in ("config.yaml", "unet.safetensors", "foundation.safetensors", "labeled.txt", "unlabeled.txt",
+                 "per_case.csv", "summary.md", "history.jsonl", "progress.png"):
+        assert (out / name).is_file(), name
+    assert list((out / "tensorboard").iterdir())
+    history = [json.loads(l) for l in (out / "history.jsonl").read_text().splitlines()]
+    assert {"alpha", "self_confidence", "mutual_confidence", "lambda", "pseudo_dice_ensemble"} <= set(history[-1])
+    assert (out / "labeled.txt").read_text().split() == ["siteA/siteA_train_000", "siteA/siteA_train_001"]
+
+
+def test_resume_after_sigkill_matches_uninterrupted(tmp_path):
+    cfg = tiny_config(tmp_path, dataset="synthetic", labeled_domain="siteA", precision="fp32", deterministic="true")
+    common = ["train", "--config", str(cfg), "--iters", "4", *TINY]
+    straight = tmp_path / "straight"
+    assert run_cli([*common, "--out", str(straight)]).returncode == 0
+    killed = tmp_path / "killed"
+    proc = run_cli([*common, "--out", str(killed)], env={"SYNFOC_FAULT_AT_STEP": "3"})
+    assert proc.returncode != 0  # SIGKILL part-way, after the checkpoint of iteration 2
+    assert torch.load(killed / "checkpoint.pt", weights_only=True)["step"] == 2
+    assert not (killed / "summary.json").exists()
+    resumed = run_cli(["train", "--resume", str(killed), "--no-progress"])
+    assert resumed.returncode == 0, resumed.stderr
+    for name in ("unet.safetensors", "foundation.safetensors"):
+        a, b = load_file(str(straight / name)), load_file(str(killed / name))
+        assert a.keys() == b.keys()
+        for k in a:
+            assert torch.equal(a[k], b[k]), (name, k)
+
+
+def test_atomic_checkpoint_survives_nonfinite_loss(tmp_path):
+    cfg = tiny_config(tmp_path, dataset="synthetic", labeled_domain="siteA", lr_unet=1e30, checkpoint_every=1,
+                      method="suponly-unet")
+    out = tmp_path / "run"
+    proc = run_cli(["train", "--config", str(cfg), "--out", str(out), "--iters", "6", *TINY])
+    assert proc.returncode == 2
+    assert "non-finite loss" in proc.stderr and "Traceback" not in proc.stderr
+    state = torch.load(out / "checkpoint.pt", weights_only=True)  # the last good checkpoint is intact
+    assert 1 <= state["step"] < 6
+    assert all(torch.isfinite(v).all() for v in state["students"]["unet"].values() if v.is_floating_point())
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--dataset", "/no/such/folder"], "does not exist"),
+    (["--foundation", "no_such_model"], "no_such_model"),
+    (["--labeled-num", "999"], "999"),
+    (["--method", "nonsense"], "nonsense"),
+])
+def test_user_errors_are_one_clear_message(tmp_path, args, message):
+    proc = run_cli(["train", "--out", str(tmp_path / "r"), "--iters", "1", *args])
+    assert proc.returncode != 0
+    assert message in proc.stderr and "Traceback" not in proc.stderr
+    assert proc.stderr.strip().count("\n") < 3
