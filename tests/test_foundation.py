@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+import functools
 import re
 from pathlib import Path
 
@@ -50,9 +52,30 @@ def vit_b_checkpoint(tmp_path_factory) -> tuple[Path, torch.nn.Module]:
     return path, sam
 
 
-def _lite(image_size: int = 64, num_classes: int = 2, lora_rank: int = 4, seed: int = 0, **kwargs):
+@functools.lru_cache(maxsize=None)
+def _cached_lite(image_size: int, num_classes: int, lora_rank: int, seed: int, pretrained: bool, checkpointing: bool):
     torch.manual_seed(seed)
-    return build_foundation_model("litemedsam", num_classes, lora_rank=lora_rank, image_size=image_size, **kwargs)
+    return build_foundation_model(
+        "litemedsam",
+        num_classes,
+        lora_rank=lora_rank,
+        image_size=image_size,
+        pretrained=pretrained,
+        grad_checkpointing=checkpointing,
+    )
+
+
+def _lite(
+    image_size: int = 64,
+    num_classes: int = 2,
+    lora_rank: int = 4,
+    seed: int = 0,
+    pretrained: bool = True,
+    grad_checkpointing: bool = False,
+):
+    """A LiteMedSAM foundation model (a fresh copy of a cached build: building is the slow part)."""
+    cached = _cached_lite(image_size, num_classes, lora_rank, seed, pretrained, grad_checkpointing)
+    return copy.deepcopy(cached)
 
 
 def _blob(size: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -227,6 +250,7 @@ def test_gradients_reach_lora_and_checkpointing_matches():
     grads = []
     for checkpointing in (False, True):
         model = _lite(grad_checkpointing=checkpointing).train()
+        torch.manual_seed(1)  # the same LoRA B for both models
         with torch.no_grad():
             for name, p in model.named_parameters():
                 if "lora_b" in name:
@@ -339,7 +363,7 @@ def test_litemedsam_prompt_free_shapes(size):
 def test_list_foundation_models_counts():
     rows = {row["name"]: row for row in list_foundation_models()}
     assert list(rows) == ["litemedsam", "medsam_vit_b", "sam_vit_b", "sam_vit_l", "sam_vit_h"]
-    assert rows["litemedsam"]["weights"] == "bundled" and rows["litemedsam"]["native_input_size"] == 256
+    assert rows["litemedsam"]["weights"] == "bundled" and rows["litemedsam"]["native_size"] == 256
     assert rows["sam_vit_h"]["weights"] == "needs --checkpoint"
 
     # Independent count for ViT-B: official SAM minus its 4-token decoder, plus a 2-token decoder,

@@ -642,7 +642,7 @@ def _model_table() -> tuple[tuple[tuple[str, object], ...], ...]:
                 ("name", name),
                 ("total_params", total),
                 ("trainable_params", trainable),
-                ("native_input_size", spec.native_size),
+                ("native_size", spec.native_size),
                 ("output_size_at_native", model.output_size),
                 ("weights", spec.weights),
             )
