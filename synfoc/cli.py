@@ -38,6 +38,7 @@ def _add_train_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", choices=["cpu", "cuda", "auto"])
     p.add_argument("--precision", choices=["auto", "bf16", "fp32"])
     p.add_argument("--deterministic", action="store_true", default=None)
+    p.add_argument("--compile", action="store_true", default=None, help="torch.compile the students")
     p.add_argument("--eval-every", type=int, help="also evaluate on the test sets every K iterations "
                    "and keep the best (the authors' optimistic protocol; see evaluate --select-on test)")
     p.add_argument("--skip-bad", action="store_true", default=None,
@@ -91,7 +92,7 @@ def _train(args) -> int:
     overrides = {k: getattr(args, k) for k in (
         "dataset", "format", "labeled_domain", "labeled_num", "labeled_ratio", "method", "alpha", "consistency",
         "iters", "batch_labeled", "batch_unlabeled", "foundation", "checkpoint", "image_size", "unet_size",
-        "unet_width", "lora_rank", "grad_checkpointing", "seed", "device", "precision", "deterministic",
+        "unet_width", "lora_rank", "grad_checkpointing", "seed", "device", "precision", "deterministic", "compile",
         "eval_every", "skip_bad")}
     if args.resume:
         out = Path(args.resume)

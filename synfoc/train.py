@@ -200,6 +200,8 @@ def make_optimizers(cfg: TrainConfig, students: dict[str, nn.Module]) -> dict[st
 
 
 def unwrap(m: nn.Module) -> nn.Module:
+    """The plain module inside torch.compile and DistributedDataParallel wrappers."""
+    m = getattr(m, "_orig_mod", m)
     return m.module if isinstance(m, nn.parallel.DistributedDataParallel) else m
 
 
@@ -298,6 +300,8 @@ def train(cfg: TrainConfig, out: Path, resume: bool = False, progress: bool = Tr
         students = {k: nn.parallel.DistributedDataParallel(
             m, device_ids=[rt.device.index] if rt.device.type == "cuda" else None,
             find_unused_parameters=k == "foundation") for k, m in models.items()}
+    if cfg.compile:  # compile after DDP wrapping, as torch.distributed recommends
+        students = {k: torch.compile(m) for k, m in students.items()}
     optimizers = make_optimizers(cfg, {k: unwrap(m) for k, m in students.items()})
     parts = [values for _, values in index.report_parts]
     if cfg.method == "synfoc":
