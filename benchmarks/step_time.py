@@ -32,6 +32,8 @@ import time
 from pathlib import Path
 
 import numpy as np
+
+import synfoc  # noqa: F401  (sets OpenMP's passive waiting before torch starts, as in training)
 import torch
 
 MODES = ("fast", "reference")
