@@ -86,16 +86,15 @@ class FastStep:
         from synfoc.config import TrainConfig
         from synfoc.method.ema import make_teacher
         from synfoc.method.synfoc import SynFoC
-        from synfoc.train import Arrays, make_optimizers, make_runtime
+        from synfoc.train import Arrays, fast_layout, make_optimizers, make_runtime
 
         self.cfg = TrainConfig(device=args.device, precision=args.precision, batch_labeled=args.batch_labeled,
                                batch_unlabeled=args.batch_unlabeled, unet_size=args.unet_size,
                                unet_width=args.unet_width, seed=args.seed)
         self.rt = make_runtime(self.cfg)
         unet, foundation = build_students(args, self.rt.device)
-        if args.channels_last:
-            unet, foundation = (m.to(memory_format=torch.channels_last) for m in (unet, foundation))
-        self.students = {"unet": unet, "foundation": foundation}
+        # the training loop's layout: channels_last under bf16 autocast
+        self.students = fast_layout({"unet": unet, "foundation": foundation}, self.rt)
         self.teachers = {k: make_teacher(m) for k, m in self.students.items()}
         for m in self.students.values():
             m.train()
@@ -223,7 +222,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto",
                    help="fast mode's autocast (the reference is always fp32)")
     p.add_argument("--grad-checkpointing", action="store_true", help="recompute encoder blocks in backward")
-    p.add_argument("--channels-last", action="store_true", help="fast mode: channels_last models")
     p.add_argument("--compile", action="store_true", help="fast mode: torch.compile students and teachers")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     p.add_argument("--seed", type=int, default=1337)
@@ -254,7 +252,7 @@ def summarise(results: dict[str, dict], args) -> dict:
     out: dict = {"device": next(iter(results.values()))["device"], "foundation": args.foundation,
                  "image_size": args.image_size, "unet_size": args.unet_size, "unet_width": args.unet_width,
                  "batch": [args.batch_labeled, args.batch_unlabeled], "iters": args.iters,
-                 "grad_checkpointing": args.grad_checkpointing, "channels_last": args.channels_last,
+                 "grad_checkpointing": args.grad_checkpointing,
                  "load_average": list(os.getloadavg())}
     for mode, r in results.items():
         out[f"{mode}_s"] = r["s_per_iter"]
