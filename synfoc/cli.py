@@ -11,19 +11,15 @@ from pathlib import Path
 from synfoc.config import PRESETS
 
 
-def _add_train_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--out", help="run folder (default: runs/<method>-<time>)")
+def add_setting_options(p: argparse.ArgumentParser, dataset_required: bool = False) -> None:
+    """The settings that ``train`` and ``sweep`` share (fields of :class:`synfoc.config.TrainConfig`)."""
     p.add_argument("--preset", choices=PRESETS, help="the paper's settings for a dataset (YAML inside the package)")
     p.add_argument("--config", help="a YAML file of settings (overrides the preset)")
-    p.add_argument("--dataset", help="dataset folder, or 'synthetic' (the embedded default)")
+    p.add_argument("--dataset", required=dataset_required, help="dataset folder, or 'synthetic' (the embedded default)")
     p.add_argument("--format", choices=["auto", "fundus", "prostate", "mnms", "busi", "folder"])
-    p.add_argument("--labeled-domain")
     g = p.add_mutually_exclusive_group()
     g.add_argument("--labeled-num", type=int, help="the first N sorted training cases of the labeled domain")
-    g.add_argument("--labeled-ratio", type=float, help="int(ratio * all training cases) labeled cases")
-    p.add_argument("--method", help="synfoc, base-unet, base-foundation, suponly-unet, suponly-foundation, samed, fixmatch")
-    p.add_argument("--alpha", choices=["smc", "self", "mutual", "constant", "linear", "cps"])
-    p.add_argument("--consistency", choices=["cdcr", "cr", "none"])
+    g.add_argument("--labeled-ratio", type=float, help="int(ratio * all training cases) labeled cases (BUSI: 0.125, 0.25)")
     p.add_argument("--iters", type=int)
     p.add_argument("--batch-labeled", type=int)
     p.add_argument("--batch-unlabeled", type=int)
@@ -32,19 +28,29 @@ def _add_train_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--image-size", type=int, help="foundation-model input size")
     p.add_argument("--unet-size", type=int, help="U-Net input (patch) size")
     p.add_argument("--unet-width", type=int, help="U-Net base width (paper: 64)")
-    p.add_argument("--lora-rank", type=int)
-    p.add_argument("--grad-checkpointing", action="store_true", default=None)
+    p.add_argument("--grad-checkpointing", action="store_true", default=None,
+                   help="recompute foundation-encoder activations in the backward pass (less memory)")
     p.add_argument("--seed", type=int)
     p.add_argument("--device", choices=["cpu", "cuda", "auto"])
     p.add_argument("--precision", choices=["auto", "bf16", "fp32"])
+    p.add_argument("--skip-bad", action="store_true", default=None,
+                   help="train without the cases `synfoc data check` reports problems for")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def _add_train_options(p: argparse.ArgumentParser) -> None:
+    add_setting_options(p)
+    p.add_argument("--out", help="run folder (default: runs/<method>-<time>)")
+    p.add_argument("--labeled-domain")
+    p.add_argument("--method", help="synfoc, base-unet, base-foundation, suponly-unet, suponly-foundation, samed, fixmatch")
+    p.add_argument("--alpha", choices=["smc", "self", "mutual", "constant", "linear", "cps"])
+    p.add_argument("--consistency", choices=["cdcr", "cr", "none"])
+    p.add_argument("--lora-rank", type=int)
     p.add_argument("--deterministic", action="store_true", default=None)
     p.add_argument("--compile", action="store_true", default=None, help="torch.compile the students")
     p.add_argument("--eval-every", type=int, help="also evaluate on the test sets every K iterations "
                    "and keep the best (the authors' optimistic protocol; see evaluate --select-on test)")
-    p.add_argument("--skip-bad", action="store_true", default=None,
-                   help="train without the cases `synfoc data check` reports problems for")
     p.add_argument("--resume", metavar="RUN", help="continue the run in folder RUN from its last checkpoint")
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
 VERB_MODULES = [

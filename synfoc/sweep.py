@@ -21,7 +21,7 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from synfoc.config import PRESETS, TrainConfig, load_yaml, resolve
+from synfoc.config import TrainConfig, load_yaml, resolve
 
 # Kept here (not imported from synfoc.method) so that building the CLI parser does not import torch.
 METHOD_NAMES = {"synfoc": "SynFoC", "base-unet": "Base", "base-foundation": "Base",
@@ -342,10 +342,8 @@ def sweep_markdown(variants: list[Variant], domains: list[str], summaries: dict,
 
 # ----------------------------------------------------------------------------- the verb
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--preset", choices=PRESETS, help="the paper's settings for the dataset")
-    p.add_argument("--config", help="a YAML file of settings (overrides the preset)")
-    p.add_argument("--dataset", required=True, help="dataset folder, or 'synthetic'")
-    p.add_argument("--format", choices=["auto", "fundus", "prostate", "mnms", "busi", "folder"])
+    from synfoc.cli import add_setting_options
+    add_setting_options(p, dataset_required=True)
     p.add_argument("--out", required=True, help="sweep folder: runs in OUT/<method>/<domain>/, tables in OUT/sweep.md")
     p.add_argument("--methods", default="synfoc",
                    help="comma-separated: synfoc, base-unet, base-foundation, suponly-unet, suponly-foundation, "
@@ -355,25 +353,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--consistency", help="comma-separated consistency terms for every plain synfoc entry "
                                          "(cdcr, cr, none)")
     p.add_argument("--labeled-domains", help="comma-separated columns (default: every domain of the dataset)")
-    g = p.add_mutually_exclusive_group()
-    g.add_argument("--labeled-num", type=int, help="N labeled cases per run (replaces the preset's ratio)")
-    g.add_argument("--labeled-ratio", type=float, help="int(ratio * all training cases) labeled (BUSI: 0.125, 0.25)")
-    p.add_argument("--iters", type=int)
-    p.add_argument("--foundation", help="litemedsam, medsam_vit_b, sam_vit_b, sam_vit_l, sam_vit_h")
-    p.add_argument("--checkpoint", help="foundation-model weights (.pth, segment_anything format)")
-    p.add_argument("--image-size", type=int, help="foundation-model input size")
-    p.add_argument("--unet-size", type=int, help="U-Net input (patch) size")
-    p.add_argument("--unet-width", type=int, help="U-Net base width (paper: 64)")
-    p.add_argument("--batch-labeled", type=int)
-    p.add_argument("--batch-unlabeled", type=int)
-    p.add_argument("--seed", type=int)
-    p.add_argument("--device", choices=["cpu", "cuda", "auto"])
-    p.add_argument("--precision", choices=["auto", "bf16", "fp32"])
-    p.add_argument("--grad-checkpointing", action="store_true", default=None,
-                   help="recompute foundation-encoder activations in the backward pass (less GPU memory)")
-    p.add_argument("--skip-bad", action="store_true", default=None,
-                   help="train without the cases `synfoc data check` reports problems for")
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
 def base_config(args: argparse.Namespace) -> TrainConfig:
