@@ -25,3 +25,5 @@ for METHOD in suponly-unet base-unet samed base-foundation synfoc; do
   echo "$METHOD: exit $? after $(( $(date +%s) - START )) s" | tee -a "$OUT/walltimes.txt"
 done
 python benchmarks/busi/tables.py "$OUT" > "$OUT/tables.md" && cat "$OUT/tables.md"
+# Both labeled domains (the Table 6 layout), once both have run:
+#   python benchmarks/busi/tables.py runs/busi-benign runs/busi-malignant
