@@ -94,3 +94,20 @@ def test_user_errors_are_one_clear_message(tmp_path, args, message):
     assert proc.returncode != 0
     assert message in proc.stderr and "Traceback" not in proc.stderr
     assert proc.stderr.strip().count("\n") < 3
+
+
+def test_evaluate_reproduces_training_summary_and_test_selection(tmp_path):
+    cfg = tiny_config(tmp_path, dataset="synthetic", labeled_domain="siteA", method="suponly-unet")
+    out = tmp_path / "run"
+    assert main(["train", "--config", str(cfg), "--out", str(out), "--iters", "3", "--eval-every", "1", *TINY]) == 0
+    trained = json.loads((out / "summary.json").read_text())
+    assert main(["evaluate", str(out), "--device", "cpu"]) == 0
+    again = json.loads((out / "summary.json").read_text())
+    assert again["students"] == trained["students"] and again["selection"] == "final"
+    best = json.loads((out / "best_on_test" / "best.json").read_text())
+    assert 1 <= best["unet"]["step"] <= 3
+    assert main(["evaluate", str(out), "--select-on", "test", "--device", "cpu"]) == 0
+    selected = json.loads((out / "summary_test-selected.json").read_text())
+    assert selected["selection"] == "test-selected"
+    assert selected["students"]["unet"]["mean"]["dice"] == pytest.approx(best["unet"]["dice"])
+    assert "ON THE TEST SETS" in (out / "summary_test-selected.md").read_text()
