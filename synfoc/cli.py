@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import os
 import sys
 from pathlib import Path
@@ -84,11 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     # verbs whose options live beside their code: each module has add_arguments(parser) and main(args)
     for verb, module, text in VERB_MODULES:
-        if importlib.util.find_spec(module) is None:  # pragma: no cover - during development only
-            continue
-        add = getattr(__import__(module, fromlist=["add_arguments"]), "add_arguments", None)
-        if add:
-            add(sub.add_parser(verb, help=text))
+        __import__(module, fromlist=["add_arguments"]).add_arguments(sub.add_parser(verb, help=text))
     return parser
 
 

@@ -167,7 +167,6 @@ def test_default_student_is_the_foundation_model(run, tmp_path_factory):
 
 
 def test_cli_wiring(run, tmp_path):
-    pytest.importorskip("synfoc.sweep", reason="synfoc.cli imports every verb module; synfoc.sweep is not there yet")
     from synfoc.cli import main
     Image.fromarray(np.zeros((12, 9), np.uint8)).save(tmp_path / "a.png")
     assert main(["predict", "--run", str(run), "--input", str(tmp_path / "a.png"), "--output",

@@ -174,7 +174,6 @@ def test_report_without_dataset_still_written(run, tmp_path, capsys):
 
 
 def test_cli_report_verb(page, tmp_path):
-    pytest.importorskip("synfoc.sweep", reason="synfoc.cli imports every verb module; synfoc.sweep is not there yet")
     from synfoc.cli import main
     run = page.parent
     assert main(["report", str(run), "--output", str(tmp_path / "x.html"), "--cases", "0"]) == 0
