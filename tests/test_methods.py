@@ -9,7 +9,6 @@ expected pseudo-label and alpha is computed here independently of the code under
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
