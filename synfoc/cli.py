@@ -88,7 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _train(args) -> int:
-    from synfoc.config import load_yaml, resolve
+    from synfoc.config import resolve
     from synfoc.train import train
     overrides = {k: getattr(args, k) for k in (
         "dataset", "format", "labeled_domain", "labeled_num", "labeled_ratio", "method", "alpha", "consistency",
@@ -96,11 +96,9 @@ def _train(args) -> int:
         "unet_width", "lora_rank", "grad_checkpointing", "seed", "device", "precision", "deterministic", "compile",
         "eval_every", "skip_bad")}
     if args.resume:
+        from synfoc.config import run_config
         out = Path(args.resume)
-        if not (out / "config.yaml").is_file():
-            raise ValueError(f"cannot resume {out}: no config.yaml there (is it a synfoc run folder?)")
-        from synfoc.config import TrainConfig
-        cfg = TrainConfig().update(load_yaml(out / "config.yaml"), str(out / "config.yaml"))
+        cfg = run_config(out)
         extra = {k: v for k, v in overrides.items() if v is not None and k != "iters"}
         if extra:
             raise ValueError(f"--resume continues a run as configured; only --iters may change (got {', '.join(extra)})")

@@ -108,6 +108,14 @@ def load_yaml(path: str | Path) -> dict:
     return data
 
 
+def run_config(run: str | Path) -> TrainConfig:
+    """The resolved settings a run folder was trained with (its ``config.yaml``)."""
+    path = Path(run) / "config.yaml"
+    if not path.is_file():
+        raise ValueError(f"{run} is not a synfoc run folder (no config.yaml)")
+    return TrainConfig().update(load_yaml(path), str(path))
+
+
 def preset(name: str) -> dict:
     """The settings the paper fixes for a dataset (``synfoc/presets/NAME.yaml``)."""
     if name not in PRESETS:

@@ -125,15 +125,13 @@ def load_run(run: Path, dataset: str | None = None, weights_dir: Path | None = N
     """(config, dataset index, students on the device, runtime) of a finished run folder."""
     from safetensors.torch import load_file
 
-    from synfoc.config import TrainConfig, load_yaml
+    from synfoc.config import run_config
     from synfoc.models import build_foundation_model, build_unet
     from synfoc.models.weights import load_trainable
     from synfoc.train import make_runtime, open_index
 
     run = Path(run)
-    if not (run / "config.yaml").is_file():
-        raise ValueError(f"{run} is not a synfoc run folder (no config.yaml)")
-    cfg = TrainConfig().update(load_yaml(run / "config.yaml"), str(run / "config.yaml"))
+    cfg = run_config(run)
     cfg = cfg.update({"device": device} | ({"dataset": dataset} if dataset else {}), "command line")
     rt = make_runtime(cfg)
     index = open_index(cfg)
