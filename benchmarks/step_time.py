@@ -8,8 +8,10 @@
 
 Each mode runs in its own child process, so its peak memory is its own: CUDA
 ``max_memory_allocated``, or on the CPU the peak resident set size (``getrusage``, whole process:
-interpreter, models and activations). The time is the median of ``--iters`` iterations after
-``--warmup`` ones.
+interpreter, models and activations). Both children are built first, then asked for one iteration
+at a time in alternation (fast, reference, fast, ...), so a machine whose speed drifts (a shared
+host) slows both modes alike. The time is the median of ``--iters`` iterations after ``--warmup``
+ones.
 
     python benchmarks/step_time.py --foundation litemedsam --image-size 256 --unet-size 256 \
         --batch-labeled 2 --batch-unlabeled 2 --iters 5
@@ -168,33 +170,41 @@ def count_flops(runner: FastStep, t: int, total: int) -> int:
     return counter.get_total_flops()
 
 
-def run_mode(args, mode: str) -> dict:
-    """Build, warm up and time one mode in this process; returns its measurements."""
+def serve(args, mode: str) -> None:
+    """A child process: build one mode, then run iterations when the parent asks, one per line on
+    stdin ("step T TOTAL" -> the seconds it took; "finish" -> the JSON result). Answers start with
+    ``@@`` so that anything else a library prints is ignored."""
     if args.threads:
         torch.set_num_threads(args.threads)
     runner = FastStep(args, args.trace) if mode == "fast" else ReferenceRunner(args, args.trace)
     device = runner.device
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    total = args.warmup + args.iters
-    for t in range(args.warmup):
-        runner.step(t, total)
-    sync(device)
+    print("@@ready", flush=True)
     times = []
-    for t in range(args.warmup, total):
-        start = time.perf_counter()
-        runner.step(t, total)
-        sync(device)
-        times.append(time.perf_counter() - start)
-    result = {"mode": mode, "device": device_name(device), "s_per_iter": statistics.median(times),
-              "times": times, "peak_mb": peak_memory_mb(device),
-              "precision": "fp32" if mode == "reference" or runner.rt.dtype is None else "bf16",
-              "threads": torch.get_num_threads()}
-    if runner.trace is not None:
-        result["trace"] = runner.trace
-    if args.flops and mode == "fast":
-        result["flops"] = count_flops(runner, total, total + 1)
-    return result
+    for line in sys.stdin:
+        command, *values = line.split()
+        if command == "step":
+            t, total, timed = (int(v) for v in values)
+            start = time.perf_counter()
+            runner.step(t, total)
+            sync(device)
+            elapsed = time.perf_counter() - start
+            if timed:
+                times.append(elapsed)
+            print(f"@@{elapsed}", flush=True)
+        elif command == "finish":
+            total = int(values[0])
+            result = {"mode": mode, "device": device_name(device), "s_per_iter": statistics.median(times),
+                      "times": times, "peak_mb": peak_memory_mb(device),
+                      "precision": "fp32" if mode == "reference" or runner.rt.dtype is None else "bf16",
+                      "threads": torch.get_num_threads()}
+            if runner.trace is not None:
+                result["trace"] = runner.trace
+            if args.flops and mode == "fast":
+                result["flops"] = count_flops(runner, total, total + 1)
+            print("@@" + json.dumps(result), flush=True)
+            return
 
 
 def device_name(device: torch.device) -> str:
@@ -238,14 +248,43 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def child(argv: list[str], mode: str) -> dict:
-    """Run one mode in a fresh interpreter (own peak memory, own allocator) and read its JSON."""
-    cmd = [sys.executable, str(Path(__file__).resolve()), *argv, "--mode", mode, "--in-process"]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    if proc.returncode != 0:
-        sys.stderr.write(proc.stderr)
-        raise SystemExit(f"{mode} mode failed (exit {proc.returncode})")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+class Child:
+    """One mode's child process (:func:`serve`), driven line by line."""
+
+    def __init__(self, argv: list[str], mode: str) -> None:
+        cmd = [sys.executable, str(Path(__file__).resolve()), *argv, "--mode", mode, "--in-process"]
+        self.mode = mode
+        self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+
+    def answer(self) -> str:
+        for line in self.proc.stdout:
+            if line.startswith("@@"):
+                return line[2:].strip()
+        code = self.proc.wait()
+        raise SystemExit(f"{self.mode} mode failed (exit {code}); its error is above")
+
+    def ask(self, command: str) -> str:
+        self.proc.stdin.write(command + "\n")
+        self.proc.stdin.flush()
+        return self.answer()
+
+
+def run_alternating(argv: list[str], modes: tuple[str, ...], args) -> dict[str, dict]:
+    """Build every mode's child, then time them one iteration at a time in alternation."""
+    children = [Child(argv, mode) for mode in modes]
+    try:
+        for c in children:
+            c.answer()  # built
+        total = args.warmup + args.iters
+        for t in range(total):
+            for c in children:
+                c.ask(f"step {t} {total} {int(t >= args.warmup)}")
+        results = {c.mode: json.loads(c.ask(f"finish {total}")) for c in children}
+    finally:
+        for c in children:
+            if c.proc.poll() is None:
+                c.proc.kill()
+    return results
 
 
 def summarise(results: dict[str, dict], args) -> dict:
@@ -270,6 +309,8 @@ def summarise(results: dict[str, dict], args) -> dict:
     if "fast_s" in out and "reference_s" in out:
         out["ratio"] = out["fast_s"] / out["reference_s"]       # fast / reference (< 1 is faster)
         out["speedup"] = out["reference_s"] / out["fast_s"]
+        # iterations i of both modes ran back to back: the median of their ratios cancels slow drift
+        out["paired_speedup"] = statistics.median(r / f for r, f in zip(out["reference_times"], out["fast_times"]))
     return out
 
 
@@ -288,7 +329,8 @@ def table(summary: dict) -> str:
                  f"{summary['unet_width']}, batch {summary['batch'][0]}+{summary['batch'][1]}, {summary['iters']} "
                  f"timed iterations, {summary['threads']} threads, load average {load}")
     if "speedup" in summary:
-        lines.append(f"speed-up of fast over reference: {summary['speedup']:.2f}x")
+        lines.append(f"speed-up of fast over reference: {summary['speedup']:.2f}x (ratio of medians); "
+                     f"{summary['paired_speedup']:.2f}x (median of the ratios of back-to-back iterations)")
     if "fast_flops" in summary:
         lines.append(f"fast iteration: {summary['fast_flops'] / 1e12:.2f} TFLOP, {summary['fast_tflops_per_s']:.1f} TFLOP/s"
                      + (f", MFU {100 * summary['fast_mfu']:.1f}%" if "fast_mfu" in summary else ""))
@@ -299,26 +341,18 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
     if args.in_process:
-        print(json.dumps(run_mode(args, args.mode)))
+        serve(args, args.mode)
         return 0
-    passthrough = [a for a in argv if a not in ("--json",)]
+    passthrough, skip = [], False
+    for a in argv:  # the children get their own --mode and print no table
+        if skip:
+            skip = False
+        elif a == "--mode":
+            skip = True
+        elif not a.startswith("--mode=") and a != "--json":
+            passthrough.append(a)
     modes = MODES if args.mode == "both" else (args.mode,)
-    results = {}
-    for mode in modes:
-        # drop an explicit --mode; the child gets its own
-        clean = []
-        skip = False
-        for a in passthrough:
-            if skip:
-                skip = False
-                continue
-            if a == "--mode":
-                skip = True
-                continue
-            if a.startswith("--mode="):
-                continue
-            clean.append(a)
-        results[mode] = child(clean, mode)
+    results = run_alternating(passthrough, modes, args)
     summary = summarise(results, args)
     print(json.dumps(summary) if args.json else table(summary))
     return 0

