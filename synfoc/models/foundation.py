@@ -263,13 +263,15 @@ class TinyViTWindowAttention(nn.Module):
     softmax(q k^T * scale + bias) v with the learned per-offset bias.
 
     The kernel is chosen by what was fastest, measured on the 2-core Xeon (AMX) for LiteMedSAM's
-    windows (49 and 196 tokens, head dim 32):
+    windows (head dim 32), forward + backward, modes timed in alternation:
 
     * CPU bf16 autocast, no gradient (the EMA teacher): the fused ``scaled_dot_product_attention`` in
-      bf16 (2.5x faster than fp32 for 49 tokens);
-    * CPU bf16 autocast with a gradient (the student): explicit bf16 matmul-softmax-matmul. The fused
-      CPU kernel's bf16 backward is 3-4x slower than its fp32 one, and fp32 fused (with the casts
-      around it) is 1.2-2.4x slower than the explicit bf16 attention;
+      bf16 (2.5x faster than fp32 for 49-token windows);
+    * CPU bf16 autocast with a gradient (the student), windows of at most 64 tokens: explicit bf16
+      matmul-softmax-matmul (1444 windows x 4 heads x 49 tokens: 173 ms vs 240 ms for the fused
+      kernel in fp32; the fused kernel's own bf16 backward is slower still);
+    * CPU bf16 autocast with a gradient, larger windows: the fused kernel in fp32 (100 x 5 x 196:
+      105 ms vs 166 ms explicit bf16, whose softmax over the larger maps dominates);
     * everywhere else (fp32, CUDA): the fused kernel in the input dtype.
     """
 
@@ -292,8 +294,13 @@ class TinyViTWindowAttention(nn.Module):
         q, k, v = (t.transpose(1, 2) for t in qkv.split([self.key_dim, self.key_dim, self.d], dim=3))
         bias = self.attention_biases[:, self.attention_bias_idxs].unsqueeze(0).to(q.dtype)  # (1, heads, N, N)
         if x.device.type == "cpu" and q.dtype == torch.bfloat16 and torch.is_grad_enabled():
-            attn = torch.softmax(torch.matmul(q * self.scale, k.transpose(-2, -1)) + bias, dim=-1)
-            x = torch.matmul(attn, v)
+            if tokens <= 64:
+                attn = torch.softmax(torch.matmul(q * self.scale, k.transpose(-2, -1)) + bias, dim=-1)
+                x = torch.matmul(attn, v)
+            else:
+                with torch.autocast("cpu", enabled=False):
+                    x = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=bias.float(),
+                                                       scale=self.scale).to(q.dtype)
         else:
             x = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=self.scale)
         return self.proj(x.transpose(1, 2).reshape(batch, tokens, self.dh))

@@ -103,8 +103,12 @@ class LoRAQKV(nn.Module):
             # Inference (e.g. the EMA teacher): fold the update into the weight, one matmul per token.
             return F.linear(x, torch.addmm(self.weight, up, down), self.bias)
         # Training: keep the low-rank path separate so backward never forms a full-size weight
-        # gradient; the frozen base matmul only propagates the input gradient.
-        return F.linear(x, self.weight, self.bias) + F.linear(F.linear(x, down), up)
+        # gradient; the frozen base matmul only propagates the input gradient. The up-projection is
+        # added by the matmul itself (addmm), sparing a pass over the (tokens, 3*dim) output.
+        base = F.linear(x, self.weight, self.bias)
+        low = F.linear(x, down)
+        out = torch.addmm(base.reshape(-1, self.out_features), low.reshape(-1, 2 * self.rank), up.t())
+        return out.view(base.shape)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank} (q, v)"
