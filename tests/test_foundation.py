@@ -460,3 +460,53 @@ def test_window_attention_bf16_kernels_match_fp32_values_and_gradients():
     for grad, reference in zip(grads, expected_grads):
         cosine = F.cosine_similarity(grad.flatten().float(), reference.flatten(), dim=0)
         assert cosine > 0.99
+
+
+def test_channel_layer_norm_equals_sam_layernorm2d():
+    from segment_anything.modeling.common import LayerNorm2d
+
+    from synfoc.models.foundation import ChannelLayerNorm
+
+    torch.manual_seed(3)
+    reference = LayerNorm2d(16)
+    with torch.no_grad():
+        reference.weight.normal_()
+        reference.bias.normal_()
+    fused = ChannelLayerNorm(copy.deepcopy(reference))
+    for channels_last in (False, True):
+        x = 3 * torch.randn(2, 16, 8, 8) + 1
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        x.requires_grad_()
+        expected = reference(x)
+        grads_expected = torch.autograd.grad(expected.square().sum(), [x, reference.weight, reference.bias])
+        got = fused(x)
+        grads = torch.autograd.grad(got.square().sum(), [x, fused.weight, fused.bias])
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+        for g, e in zip(grads, grads_expected):
+            torch.testing.assert_close(g, e, rtol=1e-4, atol=1e-4)
+
+
+def test_channels_last_model_computes_the_same_outputs_and_gradients():
+    """The channels-last paths (mask product on the (b, h*w, c) view, layer norms) change no value."""
+    images = torch.rand(2, 1, 64, 64)
+    results = []
+    for channels_last in (False, True):
+        model = _lite(image_size=64).train()
+        torch.manual_seed(1)
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if "lora_b" in name:
+                    p.normal_(std=0.1)
+        x = images
+        if channels_last:
+            model = model.to(memory_format=torch.channels_last)
+            x = images.contiguous(memory_format=torch.channels_last)
+        out = model(x)
+        grads = torch.autograd.grad(out.square().mean(), trainable_parameters(model), allow_unused=True)
+        results.append((out.detach(), [g for g in grads if g is not None]))  # the IoU head is unused
+    (out0, grads0), (out1, grads1) = results
+    torch.testing.assert_close(out1, out0, rtol=1e-4, atol=1e-4)
+    assert len(grads1) == len(grads0) > 100
+    for g1, g0 in zip(grads1, grads0):
+        torch.testing.assert_close(g1, g0, rtol=1e-3, atol=1e-5)

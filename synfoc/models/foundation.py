@@ -122,8 +122,38 @@ class PromptFreeMaskDecoder(MaskDecoder):
             [mlp(mask_tokens_out[:, i, :]) for i, mlp in enumerate(self.output_hypernetworks_mlps)], dim=1
         )
         b, c, h, w = upscaled.shape
-        masks = (hyper_in @ upscaled.flatten(2)).view(b, -1, h, w)
+        if upscaled.is_contiguous(memory_format=torch.channels_last):
+            # The same channel contraction on the (b, h*w, c) view of a channels-last map: its
+            # gradient then has the map's own layout, which keeps the GELU backward before it on the
+            # vectorised path (mixed layouts: 100 ms vs 7 ms for 4x32x256x256 on the 2-core Xeon).
+            masks = (upscaled.permute(0, 2, 3, 1).reshape(b, h * w, c) @ hyper_in.transpose(1, 2))
+            masks = masks.transpose(1, 2).view(b, -1, h, w)
+        else:
+            masks = (hyper_in @ upscaled.flatten(2)).view(b, -1, h, w)
         return masks, self.iou_prediction_head(iou_token_out)
+
+
+class ChannelLayerNorm(nn.Module):
+    """SAM's ``LayerNorm2d`` (layer norm over the channels of ``(B, C, H, W)``, same parameters and
+    eps) as one ``F.layer_norm`` call on the channels-last view, instead of six elementwise passes
+    forward and as many backward."""
+
+    def __init__(self, norm: nn.Module) -> None:
+        super().__init__()
+        self.weight, self.bias, self.eps = norm.weight, norm.bias, norm.eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.layer_norm(x.permute(0, 2, 3, 1), (x.shape[1],), self.weight, self.bias, self.eps)
+        return y.permute(0, 3, 1, 2)
+
+
+def _use_channel_layer_norm(module: nn.Module) -> None:
+    """Replace every SAM-style ``LayerNorm2d`` below ``module`` by :class:`ChannelLayerNorm`."""
+    for name, child in module.named_children():
+        if type(child).__name__ == "LayerNorm2d":
+            setattr(module, name, ChannelLayerNorm(child))
+        else:
+            _use_channel_layer_norm(child)
 
 
 def _new_decoder(pretrained: MaskDecoder, num_classes: int) -> PromptFreeMaskDecoder:
@@ -422,6 +452,7 @@ class FoundationModel(nn.Module):
         self.base_sha256 = base_sha256
         self.grad_checkpointing = grad_checkpointing
         self.image_encoder.eval()
+        _use_channel_layer_norm(self)
 
     @property
     def embedding_size(self) -> int:
