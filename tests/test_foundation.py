@@ -510,3 +510,29 @@ def test_channels_last_model_computes_the_same_outputs_and_gradients():
     assert len(grads1) == len(grads0) > 100
     for g1, g0 in zip(grads1, grads0):
         torch.testing.assert_close(g1, g0, rtol=1e-3, atol=1e-5)
+
+
+def test_bf16_training_gradients_follow_fp32():
+    """Every CPU bf16 training path (explicit and fused attention, folded convolutions, the fp32
+    strided depthwise convolution, addmm LoRA) together: the trainable gradients under bf16
+    autocast point where the fp32 ones do."""
+    images = torch.rand(2, 1, 128, 128)  # 128: both attention kernels and the strided merge run
+    target = (torch.arange(128)[None, :, None] > 64).long().expand(2, 128, 128)
+    grads = []
+    for low in (False, True):
+        model = _lite(image_size=128, num_classes=1).train()
+        torch.manual_seed(1)
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if "lora_b" in name:
+                    p.normal_(std=0.1)
+        x = images
+        if low:
+            model = model.to(memory_format=torch.channels_last)
+            x = images.contiguous(memory_format=torch.channels_last)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=low):
+            out = model(x).float()
+        g = torch.autograd.grad(F.cross_entropy(out, target), trainable_parameters(model), allow_unused=True)
+        grads.append(torch.cat([t.flatten() for t in g if t is not None]))
+    # Measured: cosine 0.9970 (0.9973 with the BatchNorms left unfolded); a wrong gradient path is far below.
+    assert F.cosine_similarity(grads[0], grads[1], dim=0) > 0.97
