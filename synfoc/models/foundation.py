@@ -41,6 +41,7 @@ from segment_anything.modeling import ImageEncoderViT, MaskDecoder, PromptEncode
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from .fused import autocast_dtype, conv_pointwise, fold_batchnorm
 from .lora import add_lora_to_qkv, sam_vit_qv_indices, tinyvit_qv_indices
 from .weights import check_state_dict, file_sha256, load_state_dict_file
 
@@ -218,33 +219,10 @@ def tinyvit_features(encoder: nn.Module, images: torch.Tensor, checkpoint_blocks
     return encoder.neck(x)
 
 
-def _folded_conv(conv_bn: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
-    """TinyViT's ``Conv2d_BN`` with its eval-mode BatchNorm folded into the convolution:
-    ``bn(conv(x)) = conv_w'(x) + b'`` with ``w' = w * g / sqrt(var + eps)`` and
-    ``b' = beta - mean * g / sqrt(var + eps)``."""
-    conv, bn = conv_bn.c, conv_bn.bn
-    scale = bn.weight * torch.rsqrt(bn.running_var + bn.eps)
-    return conv.weight * scale[:, None, None, None], bn.bias - bn.running_mean * scale
-
-
-def _conv_bn_gelu(x: torch.Tensor, conv_bn: nn.Module, gelu: bool, residual: torch.Tensor | None = None) -> torch.Tensor:
-    """``gelu?(bn(conv(x)) [+ residual])`` with the BatchNorm folded; on CPU through oneDNN's fused
-    convolution + GELU (or + add) kernels, which spare one full pass over the activation each."""
-    weight, bias = _folded_conv(conv_bn)
-    weight, bias = weight.to(x.dtype), bias.to(x.dtype)
-    conv = conv_bn.c
-    if x.device.type == "cpu" and torch.backends.mkldnn.is_available():
-        weight = weight.contiguous(memory_format=torch.channels_last)
-        args = (weight, bias, list(conv.padding), list(conv.stride), list(conv.dilation), conv.groups)
-        if residual is not None:
-            y = torch.ops.mkldnn._convolution_pointwise.binary(x, residual, *args, "add", None, None, [], None)
-            return F.gelu(y) if gelu else y
-        return torch.ops.mkldnn._convolution_pointwise(x, *args, "gelu" if gelu else "none", [],
-                                                       "none" if gelu else None)
-    y = F.conv2d(x, weight, bias, conv.stride, conv.padding, conv.dilation, conv.groups)
-    if residual is not None:
-        y = y + residual
-    return F.gelu(y) if gelu else y
+def _conv_bn(x: torch.Tensor, conv_bn: nn.Module, gelu: bool, residual: torch.Tensor | None = None) -> torch.Tensor:
+    """``gelu?(bn(conv(x)) [+ residual])`` of a frozen TinyViT ``Conv2d_BN``, BatchNorm folded."""
+    weight, bias = fold_batchnorm(conv_bn.c.weight, conv_bn.bn)
+    return conv_pointwise(x, weight, bias, conv_bn.c, "gelu" if gelu else None, residual)
 
 
 class FoldedConv2dBN(nn.Module):
@@ -264,7 +242,7 @@ class FoldedConv2dBN(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.training:
             return self.bn(self.c(x))
-        weight, bias = _folded_conv(self)
+        weight, bias = fold_batchnorm(self.c.weight, self.bn)
         c = self.c
         if (x.device.type == "cpu" and c.groups > 1 and c.stride[0] > 1 and x.dtype == torch.bfloat16
                 and torch.is_grad_enabled() and x.requires_grad):
@@ -289,7 +267,7 @@ def _is_frozen_conv_stage(encoder: nn.Module) -> bool:
     gelus = [seq[1]] + [m for b in stage.blocks for m in (b.act1, b.act2, b.act3)]
     if stage.downsample is not None:
         gelus.append(stage.downsample.act)
-    return (len(seq) == 3 and all(isinstance(g, nn.GELU) and g.approximate == "none" for g in gelus)
+    return (not encoder.training and len(seq) == 3 and all(isinstance(g, nn.GELU) and g.approximate == "none" for g in gelus)
             and all(isinstance(b.drop_path, nn.Identity) for b in stage.blocks)
             and not any(p.requires_grad for p in (*encoder.patch_embed.parameters(), *stage.parameters())))
 
@@ -306,19 +284,18 @@ def frozen_conv_stage(encoder: nn.Module, images: torch.Tensor) -> torch.Tensor:
     """
     if not _is_frozen_conv_stage(encoder) or (torch.is_grad_enabled() and images.requires_grad):
         return encoder.layers[0](encoder.patch_embed(images))
-    device = images.device.type
-    dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else images.dtype
-    with torch.no_grad(), torch.autocast(device, enabled=False):
+    dtype = autocast_dtype(images)
+    with torch.no_grad(), torch.autocast(images.device.type, enabled=False):
         x = images.to(dtype).contiguous(memory_format=torch.channels_last)
         seq = encoder.patch_embed.seq
-        x = _conv_bn_gelu(_conv_bn_gelu(x, seq[0], gelu=True), seq[2], gelu=False)
+        x = _conv_bn(_conv_bn(x, seq[0], gelu=True), seq[2], gelu=False)
         for block in encoder.layers[0].blocks:                      # MBConv
-            h = _conv_bn_gelu(_conv_bn_gelu(x, block.conv1, gelu=True), block.conv2, gelu=True)
-            x = _conv_bn_gelu(h, block.conv3, gelu=True, residual=x)
+            h = _conv_bn(_conv_bn(x, block.conv1, gelu=True), block.conv2, gelu=True)
+            x = _conv_bn(h, block.conv3, gelu=True, residual=x)
         merge = encoder.layers[0].downsample
         if merge is not None:                                       # PatchMerging
-            x = _conv_bn_gelu(_conv_bn_gelu(x, merge.conv1, gelu=True), merge.conv2, gelu=True)
-            x = _conv_bn_gelu(x, merge.conv3, gelu=False)
+            x = _conv_bn(_conv_bn(x, merge.conv1, gelu=True), merge.conv2, gelu=True)
+            x = _conv_bn(x, merge.conv3, gelu=False)
         return x.flatten(2).transpose(1, 2)
 
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .fused import autocast_dtype, conv_pointwise, fold_batchnorm, has_fused_cpu_kernels
+
 
 class DoubleConv(nn.Sequential):
     """(3x3 conv, BatchNorm, ReLU) twice.
@@ -21,16 +23,11 @@ class DoubleConv(nn.Sequential):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.training or torch.is_grad_enabled() or x.device.type != "cpu" or not torch.backends.mkldnn.is_available():
+        if self.training or torch.is_grad_enabled() or not has_fused_cpu_kernels(x):
             return super().forward(x)
-        dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else x.dtype
-        x = x.to(dtype)
+        x = x.to(autocast_dtype(x))  # computed in the dtype autocast would use, under autocast or not
         for conv, bn in ((self[0], self[1]), (self[3], self[4])):
-            scale = bn.weight * torch.rsqrt(bn.running_var + bn.eps)
-            weight = (conv.weight * scale[:, None, None, None]).to(dtype)
-            bias = (bn.bias - bn.running_mean * scale).to(dtype)
-            weight = weight.contiguous(memory_format=torch.channels_last)
-            x = torch.ops.mkldnn._convolution_pointwise(x, weight, bias, [1, 1], [1, 1], [1, 1], 1, "relu", [], None)
+            x = conv_pointwise(x, *fold_batchnorm(conv.weight, bn), conv, "relu")
         return x
 
 
