@@ -111,3 +111,36 @@ def test_evaluate_reproduces_training_summary_and_test_selection(tmp_path):
     assert selected["selection"] == "test-selected"
     assert selected["students"]["unet"]["mean"]["dice"] == pytest.approx(best["unet"]["dice"])
     assert "ON THE TEST SETS" in (out / "summary_test-selected.md").read_text()
+
+
+def test_fused_optimizers_update_like_the_plain_ones():
+    """make_optimizers uses PyTorch's fused SGD / AdamW: the same updates up to float rounding."""
+    import copy
+
+    from synfoc.config import TrainConfig
+    from synfoc.models import build_unet
+    from synfoc.train import make_optimizers
+
+    cfg = TrainConfig()
+    torch.manual_seed(0)
+    students = {"unet": build_unet(1, 1, 4), "foundation": torch.nn.Linear(6, 3)}
+    plain, start = copy.deepcopy(students), copy.deepcopy(students)
+    fused = make_optimizers(cfg, students)
+    assert all(o.defaults.get("fused") for o in fused.values())
+    reference = {
+        "unet": torch.optim.SGD(plain["unet"].parameters(), lr=cfg.lr_unet, momentum=cfg.momentum_unet,
+                                weight_decay=cfg.weight_decay_unet),
+        "foundation": torch.optim.AdamW(plain["foundation"].parameters(), lr=cfg.lr_foundation,
+                                        weight_decay=cfg.weight_decay_foundation),
+    }
+    for _ in range(3):
+        for key in students:
+            for p, q in zip(students[key].parameters(), plain[key].parameters()):
+                g = torch.randn_like(p)
+                p.grad, q.grad = g.clone(), g.clone()
+            fused[key].step()
+            reference[key].step()
+    for key in students:
+        for p, q, p0 in zip(students[key].parameters(), plain[key].parameters(), start[key].parameters()):
+            torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)
+            assert not torch.equal(p, p0)  # the steps did move every parameter
