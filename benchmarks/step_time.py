@@ -172,8 +172,8 @@ def count_flops(runner: FastStep, t: int, total: int) -> int:
 
 def serve(args, mode: str) -> None:
     """A child process: build one mode, then run iterations when the parent asks, one per line on
-    stdin ("step T TOTAL TIMED" -> the seconds it took; "finish TOTAL" -> the JSON result). Answers start with
-    ``@@`` so that anything else a library prints is ignored."""
+    stdin ("step T TOTAL TIMED" -> the seconds it took; "finish TOTAL" -> the JSON result).
+    Answers start with ``@@`` so that anything else a library prints is ignored."""
     if args.threads:
         torch.set_num_threads(args.threads)
     runner = FastStep(args, args.trace) if mode == "fast" else ReferenceRunner(args, args.trace)
