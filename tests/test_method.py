@@ -129,9 +129,12 @@ def test_labels_of_is_argmax_with_first_index_ties():
     assert torch.equal(labels_of(cl), p.argmax(dim=1))
 
 
-def test_unet_fused_inference_equals_module_path():
+@pytest.mark.parametrize("onednn", [True, False], ids=["onednn-fused", "plain-ops"])
+def test_unet_fused_inference_equals_module_path(onednn, monkeypatch):
     """Eval mode without a gradient folds BatchNorm and fuses ReLU: the same function as the plain
-    modules (fp32), and under bf16 autocast as close to fp32 as the plain modules are."""
+    modules (fp32), and under bf16 autocast as close to fp32 as the plain modules are. Also with the
+    fallback used where oneDNN's fused kernels are missing (e.g. CUDA)."""
+    monkeypatch.setattr("synfoc.models.fused._POINTWISE", onednn)
     torch.manual_seed(0)
     unet = build_unet(1, 2, 8)
     unet.train()

@@ -19,8 +19,12 @@ def fold_batchnorm(weight: torch.Tensor, bn: nn.BatchNorm2d) -> tuple[torch.Tens
     return weight * scale[:, None, None, None], bn.bias - bn.running_mean * scale
 
 
+# oneDNN's fused convolution ops (what torch.compile's CPU backend uses); absent from builds without it.
+_POINTWISE = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_convolution_pointwise")
+
+
 def has_fused_cpu_kernels(x: torch.Tensor) -> bool:
-    return x.device.type == "cpu" and torch.backends.mkldnn.is_available()
+    return x.device.type == "cpu" and _POINTWISE
 
 
 def conv_pointwise(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, conv: nn.Conv2d,
