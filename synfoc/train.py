@@ -197,19 +197,17 @@ def parameter_summary(models: dict[str, nn.Module]) -> str:
 
 
 def make_optimizers(cfg: TrainConfig, students: dict[str, nn.Module]) -> dict[str, torch.optim.Optimizer]:
-    """SGD for the U-Net and AdamW for the foundation model, as PyTorch's
-    fused single-kernel implementations where the device has them: the same updates up to float
+    """SGD for the U-Net and AdamW for the foundation model, as PyTorch's fused single-kernel
+    implementations (CPU and CUDA, the devices synfoc runs on): the same updates up to float
     rounding, one pass over the parameters (U-Net width 64 on the 2-core Xeon: 91 ms -> 29 ms per step)."""
     opts = {}
-    device = next(next(iter(students.values())).parameters()).device.type
-    fused = {"fused": True} if device in ("cpu", "cuda") else {}
     if "unet" in students:
         opts["unet"] = torch.optim.SGD(students["unet"].parameters(), lr=cfg.lr_unet, momentum=cfg.momentum_unet,
-                                       weight_decay=cfg.weight_decay_unet, **fused)
+                                       weight_decay=cfg.weight_decay_unet, fused=True)
     if "foundation" in students:
         params = [p for p in students["foundation"].parameters() if p.requires_grad]
         opts["foundation"] = torch.optim.AdamW(params, lr=cfg.lr_foundation, betas=(0.9, 0.999),
-                                               weight_decay=cfg.weight_decay_foundation, **fused)
+                                               weight_decay=cfg.weight_decay_foundation, fused=True)
     return opts
 
 

@@ -78,6 +78,18 @@ def _lite(
     return copy.deepcopy(cached)
 
 
+def _lite_adapted(channels_last: bool = False, **kwargs):
+    """``_lite(**kwargs)`` in train mode with LoRA's B factors drawn (seed 1, std 0.1), so that LoRA
+    changes outputs and carries gradients; optionally in channels-last layout."""
+    model = _lite(**kwargs).train()
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_b" in name:
+                p.normal_(std=0.1)
+    return model.to(memory_format=torch.channels_last) if channels_last else model
+
+
 def _blob(size: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """A bright ellipse on a noisy dark background, its mask and its bounding box (x0, y0, x1, y1)."""
     generator = torch.Generator().manual_seed(seed)
@@ -246,12 +258,7 @@ def test_gradients_reach_lora_and_checkpointing_matches():
     images = torch.rand(2, 1, 64, 64)
     grads = []
     for checkpointing in (False, True):
-        model = _lite(grad_checkpointing=checkpointing).train()
-        torch.manual_seed(1)  # the same LoRA B for both models
-        with torch.no_grad():
-            for name, p in model.named_parameters():
-                if "lora_b" in name:
-                    p.normal_(std=0.1)
+        model = _lite_adapted(grad_checkpointing=checkpointing)  # the same LoRA B for both models
         model(images).square().mean().backward()
         grads.append({name: p.grad for name, p in model.named_parameters() if p.requires_grad})
     plain, checkpointed = grads
@@ -496,17 +503,8 @@ def test_channels_last_model_computes_the_same_outputs_and_gradients():
     images = torch.rand(2, 1, 64, 64)
     results = []
     for channels_last in (False, True):
-        model = _lite(image_size=64).train()
-        torch.manual_seed(1)
-        with torch.no_grad():
-            for name, p in model.named_parameters():
-                if "lora_b" in name:
-                    p.normal_(std=0.1)
-        x = images
-        if channels_last:
-            model = model.to(memory_format=torch.channels_last)
-            x = images.contiguous(memory_format=torch.channels_last)
-        out = model(x)
+        model = _lite_adapted(channels_last, image_size=64)
+        out = model(images.contiguous(memory_format=torch.channels_last) if channels_last else images)
         grads = torch.autograd.grad(out.square().mean(), trainable_parameters(model), allow_unused=True)
         results.append((out.detach(), [g for g in grads if g is not None]))  # the IoU head is unused
     (out0, grads0), (out1, grads1) = results
@@ -524,16 +522,8 @@ def test_bf16_training_gradients_follow_fp32():
     target = (torch.arange(128)[None, :, None] > 64).long().expand(2, 128, 128)
     grads = []
     for low in (False, True):
-        model = _lite(image_size=128, num_classes=1).train()
-        torch.manual_seed(1)
-        with torch.no_grad():
-            for name, p in model.named_parameters():
-                if "lora_b" in name:
-                    p.normal_(std=0.1)
-        x = images
-        if low:
-            model = model.to(memory_format=torch.channels_last)
-            x = images.contiguous(memory_format=torch.channels_last)
+        model = _lite_adapted(low, image_size=128, num_classes=1)
+        x = images.contiguous(memory_format=torch.channels_last) if low else images
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=low):
             out = model(x).float()
         g = torch.autograd.grad(F.cross_entropy(out, target), trainable_parameters(model), allow_unused=True)

@@ -148,13 +148,14 @@ class ChannelLayerNorm(nn.Module):
         return y.permute(0, 3, 1, 2)
 
 
-def _use_channel_layer_norm(module: nn.Module) -> None:
-    """Replace every SAM-style ``LayerNorm2d`` below ``module`` by :class:`ChannelLayerNorm`."""
+def _replace_modules(module: nn.Module, class_name: str, make) -> None:
+    """Replace every submodule of class ``class_name`` below ``module`` by ``make(submodule)``
+    (matched by name: the vendored TinyViT and segment_anything define their own classes)."""
     for name, child in module.named_children():
-        if type(child).__name__ == "LayerNorm2d":
-            setattr(module, name, ChannelLayerNorm(child))
+        if type(child).__name__ == class_name:
+            setattr(module, name, make(child))
         else:
-            _use_channel_layer_norm(child)
+            _replace_modules(child, class_name, make)
 
 
 def _new_decoder(pretrained: MaskDecoder, num_classes: int) -> PromptFreeMaskDecoder:
@@ -251,15 +252,6 @@ class FoldedConv2dBN(nn.Module):
         return F.conv2d(x, weight, bias, c.stride, c.padding, c.dilation, c.groups)
 
 
-def _use_folded_conv_bn(module: nn.Module) -> None:
-    """Replace every TinyViT ``Conv2d_BN`` below ``module`` by :class:`FoldedConv2dBN`."""
-    for name, child in module.named_children():
-        if type(child).__name__ == "Conv2d_BN":
-            setattr(module, name, FoldedConv2dBN(child))
-        else:
-            _use_folded_conv_bn(child)
-
-
 def _is_frozen_conv_stage(encoder: nn.Module) -> bool:
     """Whether the patch embedding and first stage have the TinyViT layout :func:`frozen_conv_stage`
     computes: Conv2d_BN / exact GELU only, MBConv blocks without drop path, a PatchMerging."""
@@ -349,14 +341,6 @@ class TinyViTWindowAttention(nn.Module):
             q, k, v = heads.split(split, dim=3)
             x = F.scaled_dot_product_attention(q, k, v, attn_mask=bias.to(dtype), scale=self.scale)
         return self.proj(x.transpose(1, 2).reshape(batch, tokens, self.dh))
-
-
-def _use_fused_tinyvit_attention(encoder: nn.Module) -> None:
-    """Replace every TinyViT block's attention by :class:`TinyViTWindowAttention` (same weights)."""
-    for layer in encoder.layers:
-        for block in layer.blocks:
-            if hasattr(block, "attn") and hasattr(block.attn, "attention_biases"):
-                block.attn = TinyViTWindowAttention(block.attn)
 
 
 def _conv_output_size(size: int, conv: nn.Conv2d) -> int:
@@ -467,7 +451,7 @@ class FoundationModel(nn.Module):
         self.base_sha256 = base_sha256
         self.grad_checkpointing = grad_checkpointing
         self.image_encoder.eval()
-        _use_channel_layer_norm(self)
+        _replace_modules(self, "LayerNorm2d", ChannelLayerNorm)
 
     @property
     def embedding_size(self) -> int:
@@ -637,8 +621,8 @@ def _build_litemedsam(
         lite.load_state_dict(state)
     set_lite_medsam_input_size(lite, image_size)
     encoder = lite.image_encoder
-    _use_fused_tinyvit_attention(encoder)
-    _use_folded_conv_bn(encoder)
+    _replace_modules(encoder, "Attention", TinyViTWindowAttention)
+    _replace_modules(encoder, "Conv2d_BN", FoldedConv2dBN)
     if lora_rank > 0:
         for module in encoder.modules():
             if isinstance(module, TinyViTWindowAttention):
