@@ -8,6 +8,7 @@ import torch
 
 from synfoc.data import load_cases
 from synfoc.evaluate import load_run
+from synfoc.method.synfoc import frozen_batchnorm_stats
 from synfoc.metrics import batch_multiclass_metrics
 
 cfg, index, students, rt = load_run(sys.argv[1], device="cpu")
@@ -19,7 +20,8 @@ for domain in index.domains:
     dice = []
     for train_mode in (False, True):
         unet.train(train_mode)
-        with torch.no_grad():
+        # batch statistics without moving the running ones, which the next domain's eval pass uses
+        with torch.no_grad(), frozen_batchnorm_stats(unet):
             pred = unet(images.float() / 255).argmax(1).numpy()
         per_case = batch_multiclass_metrics(pred, truth.numpy(), index.report_parts)
         dice.append(sum(sum(p[n]["dice"] for n, _ in index.report_parts) / len(index.report_parts)
