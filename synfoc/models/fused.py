@@ -1,5 +1,5 @@
-"""Inference-time fusions shared by the frozen parts of both models: BatchNorm folded into the
-convolution before it, and oneDNN's convolution + pointwise kernels on the CPU.
+"""Inference-time fusions for the frozen convolutions of the foundation model's encoder: BatchNorm
+folded into the convolution before it, and oneDNN's convolution + pointwise kernels on the CPU.
 
 Both change no function (tests compare them with the plain modules); they only spare passes over
 activations, which dominate CPU time at full input resolution.
@@ -29,7 +29,7 @@ def has_fused_cpu_kernels(x: torch.Tensor) -> bool:
 
 def conv_pointwise(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, conv: nn.Conv2d,
                    activation: str | None = None, residual: torch.Tensor | None = None) -> torch.Tensor:
-    """``activation(conv(x) + bias [+ residual])`` with ``activation`` None, "relu" or "gelu" (exact),
+    """``activation(conv(x) + bias [+ residual])`` with ``activation`` None or "gelu" (exact),
     in ``x``'s dtype, without autograd. On the CPU the activation (or the residual add) runs inside
     oneDNN's convolution; elsewhere it is the plain sequence of operations."""
     weight, bias = weight.to(x.dtype), bias.to(x.dtype)
@@ -44,8 +44,6 @@ def conv_pointwise(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, co
         y = F.conv2d(x, weight, bias, conv.stride, conv.padding, conv.dilation, conv.groups)
         if residual is not None:
             y = y + residual
-    if activation == "relu":
-        return F.relu(y)
     return F.gelu(y) if activation == "gelu" else y
 
 

@@ -1,0 +1,152 @@
+"""The kernel choices of the CPU fast path, each timed against the plain alternative it replaced.
+
+Every pair runs in alternation (median of ``--reps`` after one warm-up), so a machine whose speed
+drifts slows both sides alike. Prints one markdown table. Shapes are those of the benchmark step
+(LiteMedSAM at 256, U-Net 256 width 64, batch 2+2; the foundation student sees 4 images).
+
+    python benchmarks/kernels.py [--reps 7]
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import statistics
+import time
+
+import synfoc  # noqa: F401  (OpenMP passive waiting, as in training)
+import torch
+import torch.nn.functional as F
+
+from synfoc.models import build_foundation_model, build_unet
+from synfoc.models.foundation import FoldedConv2dBN, TinyViTWindowAttention, frozen_conv_stage
+
+BF16 = torch.bfloat16
+
+
+def timed_pair(a, b, reps: int) -> tuple[float, float]:
+    """Median milliseconds of ``a()`` and ``b()``, run in alternation."""
+    a(), b()
+    ta, tb = [], []
+    for _ in range(reps):
+        for fn, out in ((a, ta), (b, tb)):
+            start = time.perf_counter()
+            fn()
+            out.append(time.perf_counter() - start)
+    return 1000 * statistics.median(ta), 1000 * statistics.median(tb)
+
+
+def fwd_bwd(fn, x: torch.Tensor):
+    def run():
+        x.grad = None
+        out = fn(x)
+        out.backward(torch.ones_like(out))
+    return run
+
+
+def frozen_stage_rows(reps: int):
+    model = build_foundation_model("litemedsam", 1, image_size=256).to(memory_format=torch.channels_last)
+    enc = model.image_encoder  # channels_last, as the training loop lays it out under bf16
+    x = torch.rand(2, 1, 256, 256).contiguous(memory_format=torch.channels_last).expand(-1, 3, -1, -1)
+    plain = copy.deepcopy(enc)  # the vendored modules' own path: unfolded BatchNorm, separate GELU
+    for module in plain.modules():
+        if isinstance(module, FoldedConv2dBN):
+            module.forward = lambda y, m=module: m.bn(m.c(y))
+
+    def fused():
+        with torch.inference_mode(), torch.autocast("cpu", dtype=BF16):
+            frozen_conv_stage(enc, x)
+
+    def modules():
+        with torch.inference_mode(), torch.autocast("cpu", dtype=BF16):
+            plain.layers[0](plain.patch_embed(x))
+    yield "TinyViT patch embedding + first stage, 2x256x256, bf16 inference", "modules", "folded + fused", timed_pair(modules, fused, reps)
+
+
+def attention_rows(model, reps: int):
+    blocks = [m for m in model.image_encoder.modules() if isinstance(m, TinyViTWindowAttention)]
+    for attention, windows in ((blocks[0], 1444), (blocks[2], 100)):
+        tokens = attention.attention_bias_idxs.shape[0]
+        x = torch.randn(windows, tokens, attention.norm.normalized_shape[0], dtype=BF16, requires_grad=True)
+        chosen = fwd_bwd(lambda y, a=attention: a(y), x)
+
+        def fused_fp32(y, a=attention):
+            n = y.shape[1]
+            heads = a.qkv(a.norm(y)).view(y.shape[0], n, a.num_heads, -1).transpose(1, 2)
+            bias = a.attention_biases[:, a.attention_bias_idxs].unsqueeze(0)
+            with torch.autocast("cpu", enabled=False):
+                q, k, v = (t.float() for t in heads.split([a.key_dim, a.key_dim, a.d], dim=3))
+                out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias.float(), scale=a.scale).to(y.dtype)
+            return a.proj(out.transpose(1, 2).reshape(y.shape[0], n, a.dh))
+
+        def explicit_bf16(y, a=attention):
+            n = y.shape[1]
+            heads = a.qkv(a.norm(y)).view(y.shape[0], n, a.num_heads, -1).transpose(1, 2)
+            q, k, v = heads.split([a.key_dim, a.key_dim, a.d], dim=3)
+            bias = a.attention_biases[:, a.attention_bias_idxs].unsqueeze(0).to(y.dtype)
+            out = torch.softmax(q * a.scale @ k.transpose(-2, -1) + bias, dim=-1) @ v
+            return a.proj(out.transpose(1, 2).reshape(y.shape[0], n, a.dh))
+        other = explicit_bf16 if tokens > 64 else fused_fp32
+        with torch.autocast("cpu", dtype=BF16):
+            times = timed_pair(fwd_bwd(other, x), chosen, reps)
+        name = "explicit bf16" if tokens > 64 else "fused fp32"
+        yield (f"student window attention, {windows} windows x {tokens} tokens, fwd+bwd", name, "chosen kernel", times)
+
+
+def small_rows(reps: int):
+    p = torch.rand(2, 2, 256, 256)
+    yield "class map of 2x2x256x256", "argmax(dim=1)", "max(dim=1).indices", timed_pair(
+        lambda: p.argmax(dim=1), lambda: p.max(dim=1).indices, reps)
+
+    x = torch.randn(4, 32, 256, 256, dtype=BF16).contiguous(memory_format=torch.channels_last)
+    g_mixed, g_same = torch.randn(4, 32, 256, 256, dtype=BF16), torch.randn_like(x)
+    yield "GELU backward, 4x32x256x256 bf16", "mixed layouts", "same layout", timed_pair(
+        lambda: torch.ops.aten.gelu_backward(g_mixed, x), lambda: torch.ops.aten.gelu_backward(g_same, x), reps)
+
+    w = torch.randn(160, 1, 3, 3)
+    xd = torch.randn(4, 160, 128, 128, dtype=BF16).contiguous(memory_format=torch.channels_last).requires_grad_()
+    yield "depthwise 3x3 stride 2, 4x160x128x128, fwd+bwd", "bf16", "fp32 with casts", timed_pair(
+        fwd_bwd(lambda y: F.conv2d(y, w.to(BF16), None, 2, 1, 1, 160), xd),
+        fwd_bwd(lambda y: F.conv2d(y.float(), w, None, 2, 1, 1, 160).to(BF16), xd), reps)
+
+    weight, down, up = torch.randn(384, 128), torch.randn(8, 128, requires_grad=True), torch.randn(384, 8, requires_grad=True)
+    xl = torch.randn(70756, 128, dtype=BF16, requires_grad=True)
+
+    def lora(fuse):
+        def fn(y):
+            with torch.autocast("cpu", dtype=BF16):
+                if fuse:
+                    return torch.addmm(F.linear(y, weight), F.linear(y, down), up.t())
+                return F.linear(y, weight) + F.linear(F.linear(y, down), up)
+        return fwd_bwd(fn, xl)
+    yield "LoRA qkv, 70756 tokens x 128, fwd+bwd", "separate add", "addmm", timed_pair(lora(False), lora(True), reps)
+
+    unet = build_unet(1, 1, 64)
+    for q in unet.parameters():
+        q.grad = torch.randn_like(q)
+    plain = torch.optim.SGD(unet.parameters(), lr=0.03, momentum=0.9, weight_decay=1e-4)
+    fused = torch.optim.SGD(unet.parameters(), lr=0.03, momentum=0.9, weight_decay=1e-4, fused=True)
+    yield "SGD step, U-Net width 64", "for-loop", "fused", timed_pair(plain.step, fused.step, reps)
+
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--reps", type=int, default=7)
+    args = parser.parse_args()
+    print("| operation | before | ms | after | ms | speed-up |\n|---|---|---:|---|---:|---:|")
+
+    def row(name, before, after, times):
+        print(f"| {name} | {before} | {times[0]:.1f} | {after} | {times[1]:.1f} | {times[0] / times[1]:.2f}x |", flush=True)
+    stage = frozen_stage_rows(args.reps)
+    for r in stage:
+        row(*r)
+    model = build_foundation_model("litemedsam", 1, image_size=256).train()
+    for r in attention_rows(model, args.reps):
+        row(*r)
+    for r in small_rows(args.reps):
+        row(*r)
+
+
+if __name__ == "__main__":
+    main()
