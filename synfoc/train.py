@@ -199,7 +199,8 @@ def parameter_summary(models: dict[str, nn.Module]) -> str:
 def make_optimizers(cfg: TrainConfig, students: dict[str, nn.Module]) -> dict[str, torch.optim.Optimizer]:
     """SGD for the U-Net and AdamW for the foundation model, as PyTorch's fused single-kernel
     implementations (CPU and CUDA, the devices synfoc runs on): the same updates up to float
-    rounding, one pass over the parameters (U-Net width 64 on the 2-core Xeon: 91 ms -> 29 ms per step)."""
+    rounding, one pass over the parameters (U-Net width 64 on the 2-core Xeon: 65 ms -> 20 ms per
+    step, ``benchmarks/kernels.py``)."""
     opts = {}
     if "unet" in students:
         opts["unet"] = torch.optim.SGD(students["unet"].parameters(), lr=cfg.lr_unet, momentum=cfg.momentum_unet,

@@ -63,7 +63,8 @@ def ensemble(p_ut: torch.Tensor, p_ms: torch.Tensor, alpha: torch.Tensor) -> tor
 
 def labels_of(p: torch.Tensor) -> torch.Tensor:
     """argmax over the class dimension, through ``max`` (same first-index ties): on CPU, argmax over
-    a short dimension of a contiguous tensor is ~25x slower (24 ms vs 0.8 ms for 2x2x256x256)."""
+    a short dimension of a contiguous tensor is ~25x slower (28 ms vs 1.0 ms for 2x2x256x256,
+    ``benchmarks/kernels.py``)."""
     return p.max(dim=1).indices
 
 

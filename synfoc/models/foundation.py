@@ -126,7 +126,7 @@ class PromptFreeMaskDecoder(MaskDecoder):
         if upscaled.is_contiguous(memory_format=torch.channels_last):
             # The same channel contraction on the (b, h*w, c) view of a channels-last map: its
             # gradient then has the map's own layout, which keeps the GELU backward before it on the
-            # vectorised path (mixed layouts: 100 ms vs 7 ms for 4x32x256x256 on the 2-core Xeon).
+            # vectorised path (mixed layouts: 127 ms vs 10 ms for 4x32x256x256 on the 2-core Xeon).
             masks = (upscaled.permute(0, 2, 3, 1).reshape(b, h * w, c) @ hyper_in.transpose(1, 2))
             masks = masks.transpose(1, 2).view(b, -1, h, w)
         else:
@@ -232,8 +232,9 @@ class FoldedConv2dBN(nn.Module):
     backward. In train mode it is the plain ``bn(c(x))``.
 
     A strided depthwise convolution that needs an input gradient runs in fp32 under CPU bf16
-    autocast: oneDNN's bf16 backward of it is 2x slower than fp32's, casts included (TinyViT's
-    second patch merging, 4x160x128x128: 102 ms vs 51 ms forward + backward on the 2-core Xeon).
+    autocast: oneDNN's bf16 backward of it is 3x slower than fp32's, casts included (TinyViT's
+    second patch merging, 4x160x128x128: 109 ms vs 35 ms forward + backward on the 2-core Xeon
+    (`benchmarks/kernels.py`, RESULTS.md)).
     """
 
     def __init__(self, conv_bn: nn.Module) -> None:
@@ -259,7 +260,8 @@ def _is_frozen_conv_stage(encoder: nn.Module) -> bool:
     gelus = [seq[1]] + [m for b in stage.blocks for m in (b.act1, b.act2, b.act3)]
     if stage.downsample is not None:
         gelus.append(stage.downsample.act)
-    return (not encoder.training and len(seq) == 3 and all(isinstance(g, nn.GELU) and g.approximate == "none" for g in gelus)
+    return (not encoder.training and len(seq) == 3
+            and all(isinstance(g, nn.GELU) and g.approximate == "none" for g in gelus)
             and all(isinstance(b.drop_path, nn.Identity) for b in stage.blocks)
             and not any(p.requires_grad for p in (*encoder.patch_embed.parameters(), *stage.parameters())))
 
@@ -272,7 +274,7 @@ def frozen_conv_stage(encoder: nn.Module, images: torch.Tensor) -> torch.Tensor:
     the largest single cost of a CPU training step. Here every BatchNorm is folded into its
     convolution and each GELU (and the MBConv residual add) is fused into the convolution before
     it, under the autocast dtype when autocast is on. LiteMedSAM at 256, batch 2, bf16 on the
-    2-core Xeon: 534 ms -> 269 ms.
+    2-core Xeon: 713 ms -> 317 ms (`benchmarks/kernels.py`, RESULTS.md).
     """
     if not _is_frozen_conv_stage(encoder) or (torch.is_grad_enabled() and images.requires_grad):
         return encoder.layers[0](encoder.patch_embed(images))
@@ -300,12 +302,13 @@ class TinyViTWindowAttention(nn.Module):
     windows (head dim 32), forward + backward, modes timed in alternation:
 
     * CPU bf16 autocast, no gradient (the EMA teacher): the fused ``scaled_dot_product_attention`` in
-      bf16 (2.5x faster than fp32 for 49-token windows);
+      bf16 (faster than fp32 in forward, the only pass the teacher runs);
     * CPU bf16 autocast with a gradient (the student), windows of at most 64 tokens: explicit bf16
-      matmul-softmax-matmul (1444 windows x 4 heads x 49 tokens: 173 ms vs 240 ms for the fused
-      kernel in fp32; the fused kernel's own bf16 backward is slower still);
-    * CPU bf16 autocast with a gradient, larger windows: the fused kernel in fp32 (100 x 5 x 196:
-      105 ms vs 166 ms explicit bf16, whose softmax over the larger maps dominates);
+      matmul-softmax-matmul (whole module, 1444 windows x 49 tokens: 322 ms vs 398 ms with the
+      fused kernel in fp32; the fused kernel's own bf16 backward is slower still);
+    * CPU bf16 autocast with a gradient, larger windows: the fused kernel in fp32 (whole module,
+      100 windows x 196 tokens: 139 ms vs 185 ms explicit bf16, whose softmax over larger maps
+      dominates);
     * everywhere else (fp32, CUDA): the fused kernel in the input dtype.
     """
 
