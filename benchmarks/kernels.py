@@ -1,7 +1,8 @@
 """The kernel choices of the CPU fast path, each timed against the plain alternative it replaced.
 
 Every pair runs in alternation (median of ``--reps`` after one warm-up), so a machine whose speed
-drifts slows both sides alike. Prints one markdown table. Shapes are those of the benchmark step
+drifts slows both sides alike, with freed memory kept for reuse as in training
+(:func:`synfoc.train.keep_freed_memory`). Prints one markdown table. Shapes are those of the benchmark step
 (LiteMedSAM at 256, U-Net 256 width 64, batch 2+2; the foundation student sees 4 images).
 
     python benchmarks/kernels.py [--reps 7]
@@ -20,6 +21,7 @@ import torch.nn.functional as F
 
 from synfoc.models import build_foundation_model, build_unet
 from synfoc.models.foundation import FoldedConv2dBN, TinyViTWindowAttention, frozen_conv_stage
+from synfoc.train import keep_freed_memory
 
 BF16 = torch.bfloat16
 
@@ -79,18 +81,9 @@ def attention_rows(model, reps: int):
                 out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias.float(), scale=a.scale).to(y.dtype)
             return a.proj(out.transpose(1, 2).reshape(y.shape[0], n, a.dh))
 
-        def explicit_bf16(y, a=attention):
-            n = y.shape[1]
-            heads = a.qkv(a.norm(y)).view(y.shape[0], n, a.num_heads, -1).transpose(1, 2)
-            q, k, v = heads.split([a.key_dim, a.key_dim, a.d], dim=3)
-            bias = a.attention_biases[:, a.attention_bias_idxs].unsqueeze(0).to(y.dtype)
-            out = torch.softmax(q * a.scale @ k.transpose(-2, -1) + bias, dim=-1) @ v
-            return a.proj(out.transpose(1, 2).reshape(y.shape[0], n, a.dh))
-        other = explicit_bf16 if tokens > 64 else fused_fp32
         with torch.autocast("cpu", dtype=BF16):
-            times = timed_pair(fwd_bwd(other, x), chosen, reps)
-        name = "explicit bf16" if tokens > 64 else "fused fp32"
-        yield (f"student window attention, {windows} windows x {tokens} tokens, fwd+bwd", name, "chosen kernel", times)
+            times = timed_pair(fwd_bwd(fused_fp32, x), chosen, reps)
+        yield (f"student window attention, {windows} windows x {tokens} tokens, fwd+bwd", "fused fp32", "explicit bf16", times)
 
 
 def small_rows(reps: int):
@@ -115,11 +108,12 @@ def small_rows(reps: int):
     def lora(fuse):
         def fn(y):
             with torch.autocast("cpu", dtype=BF16):
-                if fuse:
-                    return torch.addmm(F.linear(y, weight), F.linear(y, down), up.t())
+                if fuse:  # LoRAQKV's training path
+                    base = F.linear(y, weight)
+                    return base.addmm_(F.linear(y, down), up.t().to(base.dtype))
                 return F.linear(y, weight) + F.linear(F.linear(y, down), up)
         return fwd_bwd(fn, xl)
-    yield "LoRA qkv, 70756 tokens x 128, fwd+bwd", "separate add", "addmm", timed_pair(lora(False), lora(True), reps)
+    yield "LoRA qkv, 70756 tokens x 128, fwd+bwd", "separate add", "addmm_ in place", timed_pair(lora(False), lora(True), reps)
 
     unet = build_unet(1, 1, 64)
     for q in unet.parameters():
@@ -134,6 +128,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--reps", type=int, default=7)
     args = parser.parse_args()
+    keep_freed_memory()  # as synfoc train does on the CPU: every kernel below runs on reused memory
     print("| operation | before | ms | after | ms | speed-up |\n|---|---|---:|---|---:|---:|")
 
     def row(name, before, after, times):

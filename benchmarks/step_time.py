@@ -4,7 +4,11 @@
               augmentation on the device), ``SynFoC.step`` under the runtime's autocast (bf16 on
               CUDA and on CPUs with AMX / AVX512-BF16), backward, both optimiser steps, EMA.
 ``reference`` a straightforward fp32 iteration in the authors' style (``reference_step.py``):
-              per-sample CPU augmentation, separate forwards, host synchronisations, no autocast.
+              per-sample CPU augmentation, separate forwards, host synchronisations, no autocast,
+              and the C library's default allocator, as in the authors' script.
+``fast-system-malloc`` (with ``--with-system-malloc``) the fast iteration with glibc's default
+              allocator (``SYNFOC_SYSTEM_MALLOC=1``): what :func:`synfoc.train.keep_freed_memory`,
+              which ``synfoc train`` applies on the CPU, is worth on its own.
 
 Each mode runs in its own child process, so its peak memory is its own: CUDA
 ``max_memory_allocated``, or on the CPU the peak resident set size (``getrusage``, whole process:
@@ -38,7 +42,7 @@ import numpy as np
 import synfoc  # noqa: F401  (sets OpenMP's passive waiting before torch starts, as in training)
 import torch
 
-MODES = ("fast", "reference")
+MODES = ("fast", "reference", "fast-system-malloc")
 
 
 # ----------------------------------------------------------------------------- setup
@@ -176,7 +180,9 @@ def serve(args, mode: str) -> None:
     Answers start with ``@@`` so that anything else a library prints is ignored."""
     if args.threads:
         torch.set_num_threads(args.threads)
-    runner = FastStep(args, args.trace) if mode == "fast" else ReferenceRunner(args, args.trace)
+    if mode == "fast-system-malloc":  # the fast step with glibc's default allocator (no keep_freed_memory)
+        os.environ["SYNFOC_SYSTEM_MALLOC"] = "1"
+    runner = FastStep(args, args.trace) if mode.startswith("fast") else ReferenceRunner(args, args.trace)
     device = runner.device
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -225,7 +231,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--num-classes", type=int, default=1, choices=[1, 2])
     p.add_argument("--batch-labeled", type=int, default=2)
     p.add_argument("--batch-unlabeled", type=int, default=2)
-    p.add_argument("--mode", choices=["fast", "reference", "both"], default="both")
+    p.add_argument("--mode", choices=["fast", "reference", "both", "fast-system-malloc"], default="both")
+    p.add_argument("--with-system-malloc", action="store_true",
+                   help="also time the fast step with glibc's default allocator (SYNFOC_SYSTEM_MALLOC=1)")
     p.add_argument("--iters", type=int, default=5, help="timed iterations (the median is reported)")
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
@@ -321,7 +329,7 @@ def table(summary: dict) -> str:
     for mode in MODES:
         if f"{mode}_s" not in summary:
             continue
-        ratio = summary.get("ratio") if mode == "fast" else (1.0 if "ratio" in summary else None)
+        ratio = summary[f"{mode}_s"] / summary["reference_s"] if "reference_s" in summary else None
         lines.append(f"| {mode} | {summary['device']} | {summary[f'{mode}_precision']} | {summary[f'{mode}_s']:.3f} "
                      f"| {summary[f'{mode}_peak_mb']:.0f} | {'' if ratio is None else f'{ratio:.3f}'} |")
     load = ", ".join(f"{x:.2f}" for x in summary["load_average"])
@@ -351,7 +359,9 @@ def main(argv: list[str] | None = None) -> int:
             skip = True
         elif not a.startswith("--mode=") and a != "--json":
             passthrough.append(a)
-    modes = MODES if args.mode == "both" else (args.mode,)
+    modes = MODES[:2] if args.mode == "both" else (args.mode,)
+    if args.with_system_malloc and "fast-system-malloc" not in modes:
+        modes += ("fast-system-malloc",)
     results = run_alternating(passthrough, modes, args)
     summary = summarise(results, args)
     print(json.dumps(summary) if args.json else table(summary))

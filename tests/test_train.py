@@ -144,3 +144,31 @@ def test_fused_optimizers_update_like_the_plain_ones():
         for p, q, p0 in zip(students[key].parameters(), plain[key].parameters(), start[key].parameters()):
             torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)
             assert not torch.equal(p, p0)  # the steps did move every parameter
+
+
+_FAULTS_AFTER_REUSE = """
+import resource, sys, torch
+from synfoc.train import keep_freed_memory
+print(keep_freed_memory(), end=" ")
+for i in range(6):
+    if i == 2:
+        start = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    block = torch.ones(64 * 2**20 // 4)  # 64 MB, written
+    del block
+print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - start)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt: Linux only")
+def test_freed_memory_is_reused_without_page_faults():
+    """With keep_freed_memory, a freed 64 MB block is reused (no fresh pages to fault in); glibc's
+    default unmaps it and faults in 16384 new pages for every new one."""
+    def faults(env):
+        out = subprocess.run([sys.executable, "-c", _FAULTS_AFTER_REUSE], capture_output=True, text=True,
+                             env={**os.environ, **env}, timeout=120, check=True).stdout.split()
+        return out[0] == "True", int(out[1])
+    kept, kept_faults = faults({})
+    system, system_faults = faults({"SYNFOC_SYSTEM_MALLOC": "1"})
+    assert kept and not system
+    assert system_faults > 4 * 16384 * 0.9        # four new 64 MB blocks, each faulted in
+    assert kept_faults < 0.1 * system_faults

@@ -299,16 +299,14 @@ class TinyViTWindowAttention(nn.Module):
     softmax(q k^T * scale + bias) v with the learned per-offset bias.
 
     The kernel is chosen by what was fastest, measured on the 2-core Xeon (AMX) for LiteMedSAM's
-    windows (head dim 32), forward + backward, modes timed in alternation:
+    windows (head dim 32), forward + backward, modes timed in alternation (`benchmarks/kernels.py`):
 
     * CPU bf16 autocast, no gradient (the EMA teacher): the fused ``scaled_dot_product_attention`` in
       bf16 (faster than fp32 in forward, the only pass the teacher runs);
-    * CPU bf16 autocast with a gradient (the student), windows of at most 64 tokens: explicit bf16
-      matmul-softmax-matmul (whole module, 1444 windows x 49 tokens: 322 ms vs 398 ms with the
-      fused kernel in fp32; the fused kernel's own bf16 backward is slower still);
-    * CPU bf16 autocast with a gradient, larger windows: the fused kernel in fp32 (whole module,
-      100 windows x 196 tokens: 139 ms vs 185 ms explicit bf16, whose softmax over larger maps
-      dominates);
+    * CPU bf16 autocast with a gradient (the student): explicit bf16 matmul-softmax-matmul, for the
+      49-token and the 196-token windows alike (PyTorch's fused CPU kernel has a bf16 backward 2-4x
+      slower than its fp32 one, and in fp32 it is slower than the explicit bf16 sequence once freed
+      memory is reused, :func:`synfoc.train.keep_freed_memory`; times in RESULTS.md);
     * everywhere else (fp32, CUDA): the fused kernel in the input dtype.
     """
 
@@ -330,18 +328,11 @@ class TinyViTWindowAttention(nn.Module):
         heads = self.qkv(self.norm(x)).view(batch, tokens, self.num_heads, -1).transpose(1, 2)  # (B, h, N, .)
         bias = self.attention_biases[:, self.attention_bias_idxs].unsqueeze(0)  # (1, heads, N, N)
         dtype = heads.dtype
-        split = [self.key_dim, self.key_dim, self.d]
+        q, k, v = heads.split([self.key_dim, self.key_dim, self.d], dim=3)
         if x.device.type == "cpu" and dtype == torch.bfloat16 and torch.is_grad_enabled():
-            if tokens <= 64:
-                q, k, v = heads.split(split, dim=3)
-                attn = torch.softmax(torch.matmul(q * self.scale, k.transpose(-2, -1)) + bias.to(dtype), dim=-1)
-                x = torch.matmul(attn, v)
-            else:  # one cast of q, k and v together (their three casts cost 7% more)
-                with torch.autocast("cpu", enabled=False):
-                    q, k, v = heads.float().split(split, dim=3)
-                    x = F.scaled_dot_product_attention(q, k, v, attn_mask=bias.float(), scale=self.scale).to(dtype)
+            attn = torch.softmax(torch.matmul(q * self.scale, k.transpose(-2, -1)) + bias.to(dtype), dim=-1)
+            x = torch.matmul(attn, v)
         else:
-            q, k, v = heads.split(split, dim=3)
             x = F.scaled_dot_product_attention(q, k, v, attn_mask=bias.to(dtype), scale=self.scale)
         return self.proj(x.transpose(1, 2).reshape(batch, tokens, self.dh))
 

@@ -104,11 +104,12 @@ class LoRAQKV(nn.Module):
             return F.linear(x, torch.addmm(self.weight, up, down), self.bias)
         # Training: keep the low-rank path separate so backward never forms a full-size weight
         # gradient; the frozen base matmul only propagates the input gradient. The up-projection is
-        # added by the matmul itself (addmm), sparing a pass over the (tokens, 3*dim) output.
+        # accumulated into the base output in place (addmm_; linear saves its input, not its output),
+        # sparing a pass over the (tokens, 3*dim) output and a fresh buffer of its size.
         base = F.linear(x, self.weight, self.bias)
         low = F.linear(x, down)
-        out = torch.addmm(base.reshape(-1, self.out_features), low.reshape(-1, 2 * self.rank), up.t())
-        return out.view(base.shape)
+        base.view(-1, self.out_features).addmm_(low.reshape(-1, 2 * self.rank), up.t().to(base.dtype))
+        return base
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank} (q, v)"
