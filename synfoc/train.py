@@ -91,6 +91,15 @@ def keep_freed_memory() -> bool:
     return bool(libc.mallopt(_M_MMAP_MAX, 0) == 1 and libc.mallopt(_M_TRIM_THRESHOLD, -1) == 1)
 
 
+def release_freed_memory() -> None:
+    """Give the free memory kept by :func:`keep_freed_memory` back to the OS (glibc ``malloc_trim``).
+
+    Called at every checkpoint: with freed blocks kept, heap fragmentation let the resident memory
+    of the 256-pixel benchmark step creep from 4641 to 4980 MiB over 40 iterations (RESULTS.md);
+    trimming now and then bounds that, at the cost of faulting pages in again once."""
+    ctypes.CDLL(None).malloc_trim(0)
+
+
 def make_runtime(cfg: TrainConfig) -> Runtime:
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     if cfg.device == "cuda" and not torch.cuda.is_available():
@@ -415,6 +424,8 @@ def train(cfg: TrainConfig, out: Path, resume: bool = False, progress: bool = Tr
                 history.flush()
             if (t + 1) % cfg.checkpoint_every == 0 or last:
                 save_checkpoint(t + 1)
+                if rt.keeps_freed_memory:
+                    release_freed_memory()
                 if rt.master:
                     write_progress_png(out)
         if cfg.eval_every and (t + 1) % cfg.eval_every == 0 and rt.master:

@@ -440,13 +440,16 @@ def _attention_reference(attention, x: torch.Tensor) -> torch.Tensor:
     return attention.proj((weights @ v).transpose(1, 2).reshape(batch, tokens, attention.dh))
 
 
-def test_window_attention_bf16_kernels_match_fp32_values_and_gradients():
+@pytest.mark.parametrize("tokens", [49, 196])
+def test_window_attention_bf16_kernels_match_fp32_values_and_gradients(tokens):
     """Both CPU bf16 paths (explicit with a gradient, fused without) and the fp32 path agree with an
-    fp32 computation written out here; the bf16 gradient of the LoRA factors follows the fp32 one."""
+    fp32 computation written out here, for TinyViT's 7x7 and 14x14 windows; the bf16 gradient of the
+    LoRA factors follows the fp32 one."""
     from synfoc.models.foundation import TinyViTWindowAttention
 
     model = _lite(image_size=64)
-    attention = next(m for m in model.image_encoder.modules() if isinstance(m, TinyViTWindowAttention))
+    attention = next(m for m in model.image_encoder.modules()
+                     if isinstance(m, TinyViTWindowAttention) and m.attention_bias_idxs.shape[0] == tokens)
     torch.manual_seed(2)
     with torch.no_grad():
         attention.attention_biases.normal_()
@@ -454,7 +457,7 @@ def test_window_attention_bf16_kernels_match_fp32_values_and_gradients():
             if "lora_b" in name:
                 p.normal_(std=0.1)
     lora = [p for name, p in attention.named_parameters() if "lora_" in name]
-    x = torch.randn(8, 49, attention.norm.normalized_shape[0])
+    x = torch.randn(8, tokens, attention.norm.normalized_shape[0])
 
     expected = _attention_reference(attention, x)
     expected_grads = torch.autograd.grad(expected.square().sum(), lora)

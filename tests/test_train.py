@@ -148,27 +148,35 @@ def test_fused_optimizers_update_like_the_plain_ones():
 
 _FAULTS_AFTER_REUSE = """
 import resource, sys, torch
-from synfoc.train import keep_freed_memory
+from synfoc.train import keep_freed_memory, release_freed_memory
+def resident():
+    return int(open("/proc/self/statm").read().split()[1]) * 4096
 print(keep_freed_memory(), end=" ")
-for i in range(6):
-    if i == 2:
+for i in range(14):
+    if i == 4:
         start = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     block = torch.ones(64 * 2**20 // 4)  # 64 MB, written
     del block
-print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - start)
+print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - start, end=" ")
+before = resident()
+release_freed_memory()
+print(before - resident())
 """
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt: Linux only")
 def test_freed_memory_is_reused_without_page_faults():
-    """With keep_freed_memory, a freed 64 MB block is reused (no fresh pages to fault in); glibc's
-    default unmaps it and faults in 16384 new pages for every new one."""
+    """With keep_freed_memory, a freed 64 MB block is reused (no fresh pages to fault in) and stays
+    resident until release_freed_memory; glibc's default unmaps it and faults in 16384 new pages for
+    every new one (ten measured after four warm-up allocations)."""
     def faults(env):
         out = subprocess.run([sys.executable, "-c", _FAULTS_AFTER_REUSE], capture_output=True, text=True,
                              env={**os.environ, **env}, timeout=120, check=True).stdout.split()
-        return out[0] == "True", int(out[1])
-    kept, kept_faults = faults({})
-    system, system_faults = faults({"SYNFOC_SYSTEM_MALLOC": "1"})
+        return out[0] == "True", int(out[1]), int(out[2])
+    kept, kept_faults, kept_released = faults({})
+    system, system_faults, _ = faults({"SYNFOC_SYSTEM_MALLOC": "1"})
     assert kept and not system
-    assert system_faults > 4 * 16384 * 0.9        # four new 64 MB blocks, each faulted in
-    assert kept_faults < 0.1 * system_faults
+    assert system_faults > 10 * 16384 * 0.9       # ten new 64 MB blocks, each faulted in
+    # Mostly 0; now and then the heap grows by a few blocks instead (fragmentation: seen up to 3).
+    assert kept_faults < 0.5 * system_faults
+    assert kept_released > 48 * 2**20              # release_freed_memory hands the kept block back
