@@ -81,8 +81,9 @@ def keep_freed_memory() -> bool:
     step are such blocks, so every iteration faulted in and zeroed fresh pages for them: writing a
     freshly allocated 42 MB tensor took 23 ms against 4 ms for a reused one on the 2-core Xeon.
     Without ``mmap`` for large blocks and without trimming, the step reuses its own freed memory
-    (measured in RESULTS.md: about 15% faster, peak resident memory about 3% higher). Process-wide;
-    only on glibc; ``SYNFOC_SYSTEM_MALLOC=1`` leaves the allocator as it is. Returns whether it was set.
+    (measured in RESULTS.md: the benchmark step 4-15% faster on the shared 2-core machine, its peak
+    resident memory 9% higher). Process-wide; only on glibc; ``SYNFOC_SYSTEM_MALLOC=1`` leaves the
+    allocator as it is. Returns whether it was set.
     """
     if os.environ.get("SYNFOC_SYSTEM_MALLOC") or sys.platform != "linux" or platform.libc_ver()[0] != "glibc":
         return False
