@@ -73,6 +73,13 @@ def cpu_has_bf16() -> bool:
 _M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4
 
 
+def _glibc() -> ctypes.CDLL | None:
+    """The C library when it is glibc (``mallopt``, ``malloc_trim``), else None."""
+    if sys.platform != "linux" or platform.libc_ver()[0] != "glibc":
+        return None
+    return ctypes.CDLL(None)
+
+
 def keep_freed_memory() -> bool:
     """Let glibc keep freed memory for reuse instead of giving it back to the OS (CPU training).
 
@@ -85,9 +92,9 @@ def keep_freed_memory() -> bool:
     resident memory 9% higher). Process-wide; only on glibc; ``SYNFOC_SYSTEM_MALLOC=1`` leaves the
     allocator as it is. Returns whether it was set.
     """
-    if os.environ.get("SYNFOC_SYSTEM_MALLOC") or sys.platform != "linux" or platform.libc_ver()[0] != "glibc":
+    libc = _glibc()
+    if os.environ.get("SYNFOC_SYSTEM_MALLOC") or libc is None:
         return False
-    libc = ctypes.CDLL(None)
     # mallopt returns 1 on success; a trim threshold of -1 disables trimming (mallopt(3)).
     return bool(libc.mallopt(_M_MMAP_MAX, 0) == 1 and libc.mallopt(_M_TRIM_THRESHOLD, -1) == 1)
 
@@ -98,7 +105,9 @@ def release_freed_memory() -> None:
     Called at every checkpoint: with freed blocks kept, heap fragmentation let the resident memory
     of the 256-pixel benchmark step creep from 4641 to 4980 MiB over 40 iterations (RESULTS.md);
     trimming now and then bounds that, at the cost of faulting pages in again once."""
-    ctypes.CDLL(None).malloc_trim(0)
+    libc = _glibc()
+    if libc is not None:
+        libc.malloc_trim(0)
 
 
 def make_runtime(cfg: TrainConfig) -> Runtime:

@@ -518,10 +518,10 @@ def test_channels_last_model_computes_the_same_outputs_and_gradients():
 
 
 def test_bf16_training_gradients_follow_fp32():
-    """Every CPU bf16 training path (explicit and fused attention, folded convolutions, the fp32
-    strided depthwise convolution, addmm LoRA) together: the trainable gradients under bf16
-    autocast point where the fp32 ones do."""
-    images = torch.rand(2, 1, 128, 128)  # 128: both attention kernels and the strided merge run
+    """Every CPU bf16 training path (explicit attention in the student, fused in the teacher, folded
+    convolutions, the fp32 strided depthwise convolution, LoRA's in-place addmm_) together: the
+    trainable gradients under bf16 autocast point where the fp32 ones do."""
+    images = torch.rand(2, 1, 128, 128)  # 128: both window sizes and the strided merge run
     target = (torch.arange(128)[None, :, None] > 64).long().expand(2, 128, 128)
     grads = []
     for low in (False, True):
