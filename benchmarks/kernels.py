@@ -21,6 +21,7 @@ import torch.nn.functional as F
 
 from synfoc.models import build_foundation_model, build_unet
 from synfoc.models.foundation import FoldedConv2dBN, TinyViTWindowAttention, frozen_conv_stage
+from synfoc.models.lora import LoRAQKV, tinyvit_qv_indices
 from synfoc.train import keep_freed_memory
 
 BF16 = torch.bfloat16
@@ -114,6 +115,25 @@ def small_rows(reps: int):
                 return F.linear(y, weight) + F.linear(F.linear(y, down), up)
         return fwd_bwd(fn, xl)
     yield "LoRA qkv, 70756 tokens x 128, fwd+bwd", "separate add", "addmm_ in place", timed_pair(lora(False), lora(True), reps)
+
+    # The same update on TinyViT's 3-D window batch: in place on a 2-D view of the output (autograd
+    # then copies the whole gradient in backward, CopySlices) or on the 2-D output itself (LoRAQKV).
+    qkv = LoRAQKV(torch.nn.Linear(128, 384), *tinyvit_qv_indices(4, 32, 32), rank=4)
+    torch.nn.init.normal_(qkv.lora_b_q)
+    torch.nn.init.normal_(qkv.lora_b_v)
+    xw = torch.randn(1444, 49, 128, dtype=BF16, requires_grad=True)
+
+    def on_view(y):
+        down, up = torch.cat([qkv.lora_a_q, qkv.lora_a_v]), qkv.delta_up()
+        base = F.linear(y, qkv.weight.to(BF16), qkv.bias.to(BF16))
+        base.view(-1, 384).addmm_(F.linear(y, down.to(BF16)).reshape(-1, 8), up.t().to(BF16))
+        return base
+
+    def lora_module(y):
+        with torch.autocast("cpu", dtype=BF16):
+            return qkv(y)
+    yield "LoRA qkv, 1444 windows x 49 x 128, fwd+bwd", "addmm_ on a view", "addmm_ on the 2-D output", timed_pair(
+        fwd_bwd(on_view, xw), fwd_bwd(lora_module, xw), reps)
 
     unet = build_unet(1, 1, 64)
     for q in unet.parameters():

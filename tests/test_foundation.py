@@ -222,6 +222,32 @@ def test_lora_updates_exactly_q_and_v(layout):
         torch.testing.assert_close(lora(x), base(x) + delta)
 
 
+
+def test_lora_training_path_gradients_match_the_plain_formula():
+    """The training path (in-place low-rank update on the 2-D output) on a 3-D window batch gives
+    the value and the gradients (input, A, B) of ``x W^T + b + x A^T B^T`` written out plainly."""
+    torch.manual_seed(0)
+    q_index, v_index = tinyvit_qv_indices(2, 4, 4)
+    lora = LoRAQKV(torch.nn.Linear(8, 24), q_index, v_index, rank=2)
+    with torch.no_grad():
+        lora.lora_b_q.normal_()
+        lora.lora_b_v.normal_()
+    x = torch.randn(3, 5, 8, requires_grad=True)
+    x_ref = x.detach().clone().requires_grad_(True)
+    grad_out = torch.randn(3, 5, 24)
+    lora(x).backward(grad_out)
+    ours = [x.grad, lora.lora_a_q.grad, lora.lora_b_q.grad, lora.lora_a_v.grad, lora.lora_b_v.grad]
+    params = [p.detach().clone().requires_grad_(True)
+              for p in (lora.lora_a_q, lora.lora_b_q, lora.lora_a_v, lora.lora_b_v)]
+    a_q, b_q, a_v, b_v = params
+    delta = torch.zeros(3, 5, 24)
+    delta = delta.index_add(2, q_index, x_ref @ a_q.T @ b_q.T).index_add(2, v_index, x_ref @ a_v.T @ b_v.T)
+    reference = x_ref @ lora.weight.T + lora.bias + delta
+    torch.testing.assert_close(lora(x.detach()), reference.detach())
+    reference.backward(grad_out)
+    for got, want in zip(ours, [x_ref.grad] + [p.grad for p in params]):
+        torch.testing.assert_close(got, want)
+
 def test_lora_at_initialisation_changes_no_output():
     with_lora = _lite(lora_rank=4).eval()
     without_lora = _lite(lora_rank=0, seed=1).eval()

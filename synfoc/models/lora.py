@@ -105,11 +105,13 @@ class LoRAQKV(nn.Module):
         # Training: keep the low-rank path separate so backward never forms a full-size weight
         # gradient; the frozen base matmul only propagates the input gradient. The up-projection is
         # accumulated into the base output in place (addmm_; linear saves its input, not its output),
-        # sparing a pass over the (tokens, 3*dim) output and a fresh buffer of its size.
-        base = F.linear(x, self.weight, self.bias)
-        low = F.linear(x, down)
-        base.view(-1, self.out_features).addmm_(low.reshape(-1, 2 * self.rank), up.t().to(base.dtype))
-        return base
+        # sparing a pass over the (tokens, 3*dim) output and a fresh buffer of its size. It works on
+        # the 2-D output itself, not on a view of it: an in-place op on a view makes autograd copy
+        # the whole gradient three times in backward (CopySlices).
+        x2 = x.reshape(-1, self.in_features)
+        base = F.linear(x2, self.weight, self.bias)
+        base.addmm_(F.linear(x2, down), up.t().to(base.dtype))
+        return base.view(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank} (q, v)"
