@@ -359,7 +359,7 @@ def main(argv: list[str] | None = None) -> int:
             skip = True
         elif not a.startswith("--mode=") and a != "--json":
             passthrough.append(a)
-    modes = MODES[:2] if args.mode == "both" else (args.mode,)
+    modes = ("fast", "reference") if args.mode == "both" else (args.mode,)
     if args.with_system_malloc and "fast-system-malloc" not in modes:
         modes += ("fast-system-malloc",)
     results = run_alternating(passthrough, modes, args)

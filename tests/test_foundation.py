@@ -222,7 +222,6 @@ def test_lora_updates_exactly_q_and_v(layout):
         torch.testing.assert_close(lora(x), base(x) + delta)
 
 
-
 def test_lora_training_path_gradients_match_the_plain_formula():
     """The training path (in-place low-rank update on the 2-D output) on a 3-D window batch gives
     the value and the gradients (input, A, B) of ``x W^T + b + x A^T B^T`` written out plainly."""
@@ -247,6 +246,7 @@ def test_lora_training_path_gradients_match_the_plain_formula():
     reference.backward(grad_out)
     for got, want in zip(ours, [x_ref.grad] + [p.grad for p in params]):
         torch.testing.assert_close(got, want)
+
 
 def test_lora_at_initialisation_changes_no_output():
     with_lora = _lite(lora_rank=4).eval()

@@ -23,17 +23,13 @@ def fold_batchnorm(weight: torch.Tensor, bn: nn.BatchNorm2d) -> tuple[torch.Tens
 _POINTWISE = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_convolution_pointwise")
 
 
-def has_fused_cpu_kernels(x: torch.Tensor) -> bool:
-    return x.device.type == "cpu" and _POINTWISE
-
-
 def conv_pointwise(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, conv: nn.Conv2d,
                    activation: str | None = None, residual: torch.Tensor | None = None) -> torch.Tensor:
     """``activation(conv(x) + bias [+ residual])`` with ``activation`` None or "gelu" (exact),
     in ``x``'s dtype, without autograd. On the CPU the activation (or the residual add) runs inside
     oneDNN's convolution; elsewhere it is the plain sequence of operations."""
     weight, bias = weight.to(x.dtype), bias.to(x.dtype)
-    if has_fused_cpu_kernels(x):
+    if x.device.type == "cpu" and _POINTWISE:
         args = (weight.contiguous(memory_format=torch.channels_last), bias, list(conv.padding), list(conv.stride),
                 list(conv.dilation), conv.groups)
         if residual is None:
