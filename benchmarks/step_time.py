@@ -4,8 +4,9 @@
               augmentation on the device), ``SynFoC.step`` under the runtime's autocast (bf16 on
               CUDA and on CPUs with AMX / AVX512-BF16), backward, both optimiser steps, EMA.
 ``reference`` a straightforward fp32 iteration in the authors' style (``reference_step.py``):
-              per-sample CPU augmentation, separate forwards, host synchronisations, no autocast,
-              and the C library's default allocator, as in the authors' script.
+              the foundation model's modules as its libraries ship them, per-sample CPU
+              augmentation, separate forwards, host synchronisations, no autocast, and the C
+              library's default allocator, as in the authors' script.
 ``fast-system-malloc`` (with ``--with-system-malloc``) the fast iteration with glibc's default
               allocator (``SYNFOC_SYSTEM_MALLOC=1``): what :func:`synfoc.train.keep_freed_memory`,
               which ``synfoc train`` applies on the CPU, is worth on its own.
@@ -148,13 +149,13 @@ class ReferenceRunner:
     """Adapter giving :class:`reference_step.ReferenceSynFoC` the same interface as :class:`FastStep`."""
 
     def __init__(self, args, trace: bool) -> None:
-        from reference_step import ReferenceSynFoC
+        from reference_step import ReferenceSynFoC, as_shipped
         use_cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
         self.device = torch.device("cuda") if use_cuda else torch.device("cpu")
         unet, foundation = build_students(args, self.device)
         n = 2 * max(args.batch_labeled, args.batch_unlabeled)
         size = foundation.image_size  # the authors augment at the largest input size
-        self.ref = ReferenceSynFoC(unet, foundation, synthetic_arrays(n, size, "siteA", args.num_classes),
+        self.ref = ReferenceSynFoC(unet, as_shipped(foundation), synthetic_arrays(n, size, "siteA", args.num_classes),
                                    synthetic_arrays(n, size, "siteB", args.num_classes), args.unet_size,
                                    parts_of(args.num_classes), (args.batch_labeled, args.batch_unlabeled),
                                    self.device, args.seed)

@@ -1,5 +1,6 @@
 """The speed benchmark runs end to end on a tiny configuration (its numbers are not checked here:
-timings belong in benchmarks/RESULTS.md, never in tests)."""
+timings belong in benchmarks/RESULTS.md, never in tests), and its reference computes what the fast
+path computes."""
 
 from __future__ import annotations
 
@@ -8,6 +9,12 @@ import math
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
+import torch
+
+from synfoc.models import build_foundation_model
+from synfoc.models.lora import lora_parameters
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -28,3 +35,33 @@ def test_step_time_alternates_both_modes_and_reports_json():
     assert summary["ratio"] == summary["fast_s"] / summary["reference_s"]
     ratios = sorted(r / f for r, f in zip(summary["reference_times"], summary["fast_times"]))
     assert summary["paired_speedup"] == (ratios[0] + ratios[1]) / 2
+
+
+@pytest.mark.parametrize("name", ["litemedsam", "sam_vit_b"])
+def test_reference_foundation_as_shipped_computes_the_same_function(name):
+    """The reference step's foundation model (vendored modules, plain LoRA) is the fast path's
+    model with its speed-only modules undone: same logits, same gradients."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from reference_step import as_shipped
+
+    torch.manual_seed(0)
+    model = build_foundation_model(name, num_classes=2, image_size=64, pretrained=name == "litemedsam").train()
+    with torch.no_grad():  # LoRA's B starts at zero: make the low-rank path count
+        for p in lora_parameters(model):
+            p[1].normal_(0, 0.05)
+    shipped = as_shipped(model).train()
+    kinds = {type(m).__name__ for m in shipped.modules()}
+    assert not kinds & {"FoldedConv2dBN", "TinyViTWindowAttention", "ChannelLayerNorm", "LoRAQKV"}
+    assert {"PlainLoRAQKV", "LayerNorm2d"} <= kinds
+    if name == "litemedsam":
+        assert {"Conv2d_BN", "Attention"} <= kinds
+
+    x = torch.rand(2, 3, 64, 64)
+    fast, plain = model(x), shipped(x)
+    torch.testing.assert_close(plain, fast, rtol=1e-4, atol=1e-4)
+    (fast.square().mean()).backward()
+    (plain.square().mean()).backward()
+    grads = dict(shipped.named_parameters())
+    for key, p in model.named_parameters():
+        if p.requires_grad:
+            torch.testing.assert_close(grads[key].grad, p.grad, rtol=1e-3, atol=1e-5, msg=key)

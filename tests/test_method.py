@@ -1,5 +1,6 @@
 """The equations of the SynFoC step, each against an independent (numpy or loop) computation."""
 
+import copy
 import math
 
 import numpy as np
@@ -13,7 +14,7 @@ from synfoc.method.ema import ema_decay, ema_update, make_teacher
 from synfoc.method.losses import ce_dice_loss, dice_loss, divergence_mse, entropy_on_consensus, part_dice
 from synfoc.method.synfoc import (SynFoC, Views, consensus_mask, ensemble, labels_of, pseudo_label,
                                   ramp_weight)
-from synfoc.models.unet import build_unet
+from synfoc.models.unet import BatchNorm2d, build_unet, independent_batches
 
 
 def rng_probs(b=2, c=3, h=8, w=8, seed=0):
@@ -186,6 +187,32 @@ def test_strong_view_photometric_only():
     y = strong(x, params, cfg, 32)
     assert y.shape == x.shape and y.min() >= 0 and y.max() <= 1
     assert torch.all((params.brightness >= 0.1) & (params.brightness <= 2.0))
+
+
+def test_independent_batches_equal_separate_forwards():
+    """One U-Net forward of cat([a, b]) with per-half BatchNorm = the forwards of a and of b:
+    outputs, parameter gradients and running statistics (SynFoC's students see X_w and U_c so)."""
+    torch.manual_seed(0)
+    separate = build_unet(1, 2, 4).train()
+    joint = copy.deepcopy(separate)
+    a, b = torch.randn(2, 1, 32, 32), 3 + 2 * torch.randn(2, 1, 32, 32)
+    weights = torch.randn(4, 3, 32, 32)
+
+    out_separate = torch.cat([separate(a), separate(b)])
+    (out_separate * weights).sum().backward()
+    with independent_batches(joint, 2):
+        out_joint = joint(torch.cat([a, b]))
+    (out_joint * weights).sum().backward()
+
+    torch.testing.assert_close(out_joint, out_separate, rtol=1e-4, atol=1e-5)
+    for (name, p), q in zip(separate.named_parameters(), joint.parameters()):
+        # fp32 sums in another order: compare at the scale of each gradient
+        torch.testing.assert_close(q.grad, p.grad, rtol=1e-4, atol=1e-5 * p.grad.abs().max().item(), msg=name)
+    for (name, x), y in zip(separate.named_buffers(), joint.buffers()):
+        torch.testing.assert_close(y, x, rtol=1e-5, atol=1e-6, msg=name)
+    assert all(m.groups == 1 for m in joint.modules() if isinstance(m, BatchNorm2d))  # the context reset them
+    # The same forward without the split mixes the halves' statistics: a different function.
+    assert not torch.allclose(joint(torch.cat([a, b])), out_separate, atol=1e-3)
 
 
 def test_synfoc_step_gradients_reach_both_students_and_alpha_detached():

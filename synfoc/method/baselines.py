@@ -14,6 +14,7 @@ from torch import nn
 
 from synfoc.augment import intermediate_sample
 from synfoc.method.losses import ce_dice_loss, cross_entropy
+from synfoc.models.unet import independent_batches
 from synfoc.method.synfoc import (Views, frozen_batchnorm_stats, probs_of, pseudo_label, ramp_weight,
                                   resize_labels)
 
@@ -74,11 +75,9 @@ class SingleModel(nn.Module):
         q, w = pseudo_label(p_hat, self.threshold)
         u_c = intermediate_sample(x, u_s, box)
         b = x.shape[0]
-        if self.kind == "foundation":
+        with independent_batches(self.student, 2):  # one batch, BatchNorm statistics per half
             logits = self.student(torch.cat([x, u_c]))
-            logits_x, logits_c = logits[:b], logits[b:]
-        else:
-            logits_x, logits_c = self.student(x), self.student(u_c)
+        logits_x, logits_c = logits[:b], logits[b:]
         loss_x = ce_dice_loss(logits_x, y_o)
         loss_u = ce_dice_loss(logits_c, intermediate_sample(y_o, q, box_o), box_o | w)
         lam = ramp_weight(t, total)

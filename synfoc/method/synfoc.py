@@ -16,6 +16,7 @@ from torch import nn
 
 from synfoc.augment import intermediate_sample
 from synfoc.method.losses import ce_dice_loss, divergence_mse, entropy_on_consensus, part_dice
+from synfoc.models.unet import independent_batches
 
 ALPHA_STRATEGIES = ("smc", "self", "mutual", "constant", "linear", "cps")
 CONSISTENCIES = ("cdcr", "cr", "none")
@@ -177,13 +178,15 @@ class SynFoC(nn.Module):
         w_c_ut = v.box_u | w_en_ut      # inside the box the label is true: confidence 1
         w_c_ms = box_o | w_en_ms
 
-        # 5. Students. MS sees X_w and U_c in one batch (its trainable parts have no BatchNorm);
-        #    the U-Net sees them separately, as in the paper, since BatchNorm mixes a batch.
+        # 5. Students, each on X_w and U_c in one batch. MS's trainable parts have no BatchNorm; the
+        #    U-Net's BatchNorm normalises each half with its own statistics, so the batched forward
+        #    is the paper's two separate forwards (only the convolutions are batched).
         b = v.x_u.shape[0]
         logits_ms = self.foundation(torch.cat([v.x_f, u_c_f]))
         logits_ms_x, logits_ms_c = logits_ms[:b], logits_ms[b:]
-        logits_ut_x = self.unet(v.x_u)
-        logits_ut_c = self.unet(u_c_u)
+        with independent_batches(self.unet, 2):
+            logits_ut = self.unet(torch.cat([v.x_u, u_c_u]))
+        logits_ut_x, logits_ut_c = logits_ut[:b], logits_ut[b:]
 
         # 6. Losses. L_x: supervised CE + Dice of each student (MS against nearest-resized labels).
         loss_x = ce_dice_loss(logits_ut_x, v.y_u) + ce_dice_loss(logits_ms_x, y_o)
