@@ -20,7 +20,7 @@ sections 3 and 8):
 * teachers under ``torch.no_grad`` (not inference mode), and an extra U-Net student forward on
   ``U_w`` with a graph (unused) for the self-confidence, which also moves BatchNorm statistics;
 * SMC Dice computed in numpy after ``.cpu().numpy()`` of the argmax maps (host synchronisation);
-* separate foundation forwards on ``X_w`` and ``U_c``;
+* separate forwards of each student on ``X_w`` and ``U_c``;
 * every loss term read back with ``.item()`` for logging every iteration.
 
 Written for this benchmark; no code is taken from the authors' repository.
