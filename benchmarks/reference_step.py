@@ -5,11 +5,12 @@ weights, same functions) and the same losses as :class:`synfoc.method.synfoc.Syn
 way a first implementation of the paper usually is (and the way the published script is, method-spec
 sections 3 and 8):
 
-* the foundation model's modules as its libraries ship them (:func:`as_shipped`): the vendored TinyViT
-  ``Conv2d_BN`` and ``Attention`` and the encoder's own forward, segment_anything's ``LayerNorm2d``,
-  and LoRA as a separate low-rank product added to the frozen projection; synfoc's speed-only
-  replacements (folded BatchNorm and fused convolutions of the frozen stage, chosen attention
-  kernels, in-place LoRA) are undone;
+* the modules as PyTorch and the models' libraries ship them (:func:`as_shipped`): the vendored
+  TinyViT ``Conv2d_BN`` and ``Attention`` and the encoder's own forward, segment_anything's
+  ``LayerNorm2d``, ``nn.ConvTranspose2d`` for the upsamplings, and LoRA as a separate low-rank
+  product added to the frozen projection; synfoc's speed-only replacements (folded BatchNorm and
+  fused convolutions of the frozen stage, chosen attention kernels, in-place LoRA, upsampling as a
+  matmul) are undone;
 * per-sample augmentation on the CPU with numpy / scipy / PIL at the foundation input size: random
   W/H scale and crop, integer rotation, flip, elastic deformation whose random field is smoothed at
   full resolution by ``scipy.ndimage.gaussian_filter`` (sigma = 0.08 S), then brightness, contrast
@@ -43,6 +44,7 @@ from torch import nn
 from synfoc.method.losses import ce_dice_loss, divergence_mse, entropy_on_consensus
 from synfoc.method.synfoc import ramp_weight
 from synfoc.models.foundation import FoundationModel, _replace_modules
+from synfoc.models.fused import ConvTranspose2x2
 from synfoc.models.lora import LoRAQKV
 
 
@@ -115,14 +117,21 @@ def _shipped_encode(self: FoundationModel, images: torch.Tensor) -> torch.Tensor
     return encoder.neck(x.view(x.shape[0], height, width, x.shape[-1]).permute(0, 3, 1, 2))
 
 
-def as_shipped(model: FoundationModel) -> FoundationModel:
-    """A copy of ``model`` computing the same function with the modules its libraries ship.
+def as_shipped(model: nn.Module) -> nn.Module:
+    """A copy of ``model`` (a U-Net or a foundation model) computing the same function with the
+    modules PyTorch and the model's libraries ship.
 
-    synfoc replaces some modules only to be faster (:mod:`synfoc.models.foundation`); a straightforward
-    implementation, like the authors', uses the vendored ones. The copy shares nothing with ``model``.
-    Gradient checkpointing is not part of the shipped forward and is dropped.
+    synfoc replaces some modules only to be faster (:mod:`synfoc.models.fused`,
+    :mod:`synfoc.models.foundation`); a straightforward implementation, like the authors', uses the
+    plain ones. The copy shares nothing with ``model``. Gradient checkpointing is not part of the
+    shipped forward and is dropped.
     """
     model = copy.deepcopy(model)
+    for m in model.modules():
+        if type(m) is ConvTranspose2x2:
+            m.__class__ = nn.ConvTranspose2d
+    if not isinstance(model, FoundationModel):
+        return model
     _replace_modules(model, "ChannelLayerNorm", _layer_norm_2d)
     _replace_modules(model, "LoRAQKV", _plain_lora)
     _replace_modules(model, "FoldedConv2dBN", _vendored_conv_bn)

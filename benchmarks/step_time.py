@@ -4,7 +4,7 @@
               augmentation on the device), ``SynFoC.step`` under the runtime's autocast (bf16 on
               CUDA and on CPUs with AMX / AVX512-BF16), backward, both optimiser steps, EMA.
 ``reference`` a straightforward fp32 iteration in the authors' style (``reference_step.py``):
-              the foundation model's modules as its libraries ship them, per-sample CPU
+              the models' modules as their libraries ship them, per-sample CPU
               augmentation, separate forwards, host synchronisations, no autocast, and the C
               library's default allocator, as in the authors' script.
 ``fast-system-malloc`` (with ``--with-system-malloc``) the fast iteration with glibc's default
@@ -155,7 +155,7 @@ class ReferenceRunner:
         unet, foundation = build_students(args, self.device)
         n = 2 * max(args.batch_labeled, args.batch_unlabeled)
         size = foundation.image_size  # the authors augment at the largest input size
-        self.ref = ReferenceSynFoC(unet, as_shipped(foundation), synthetic_arrays(n, size, "siteA", args.num_classes),
+        self.ref = ReferenceSynFoC(as_shipped(unet), as_shipped(foundation), synthetic_arrays(n, size, "siteA", args.num_classes),
                                    synthetic_arrays(n, size, "siteB", args.num_classes), args.unet_size,
                                    parts_of(args.num_classes), (args.batch_labeled, args.batch_unlabeled),
                                    self.device, args.seed)

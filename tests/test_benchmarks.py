@@ -15,6 +15,7 @@ import torch
 
 from synfoc.models import build_foundation_model
 from synfoc.models.lora import lora_parameters
+from synfoc.models.unet import build_unet
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -51,8 +52,9 @@ def test_reference_foundation_as_shipped_computes_the_same_function(name):
             p[1].normal_(0, 0.05)
     shipped = as_shipped(model).train()
     kinds = {type(m).__name__ for m in shipped.modules()}
-    assert not kinds & {"FoldedConv2dBN", "TinyViTWindowAttention", "ChannelLayerNorm", "LoRAQKV"}
-    assert {"PlainLoRAQKV", "LayerNorm2d"} <= kinds
+    assert "ConvTranspose2x2" in {type(m).__name__ for m in model.modules()}
+    assert not kinds & {"FoldedConv2dBN", "TinyViTWindowAttention", "ChannelLayerNorm", "LoRAQKV", "ConvTranspose2x2"}
+    assert {"PlainLoRAQKV", "LayerNorm2d", "ConvTranspose2d"} <= kinds
     if name == "litemedsam":
         assert {"Conv2d_BN", "Attention"} <= kinds
 
@@ -65,3 +67,23 @@ def test_reference_foundation_as_shipped_computes_the_same_function(name):
     for key, p in model.named_parameters():
         if p.requires_grad:
             torch.testing.assert_close(grads[key].grad, p.grad, rtol=1e-3, atol=1e-5, msg=key)
+
+
+def test_reference_unet_as_shipped_computes_the_same_function():
+    """The reference's U-Net upsamples with nn.ConvTranspose2d; same logits and gradients."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from reference_step import as_shipped
+
+    torch.manual_seed(0)
+    unet = build_unet(1, 2, 8).train()
+    shipped = as_shipped(unet)
+    assert "ConvTranspose2x2" in {type(m).__name__ for m in unet.modules()}
+    kinds = [type(m).__name__ for m in shipped.modules()]
+    assert "ConvTranspose2x2" not in kinds and kinds.count("ConvTranspose2d") == 4
+    x = torch.rand(2, 1, 32, 32)
+    fast, plain = unet(x), shipped(x)
+    torch.testing.assert_close(plain, fast, rtol=1e-4, atol=1e-5)
+    fast.square().mean().backward()
+    plain.square().mean().backward()
+    for (key, p), q in zip(unet.named_parameters(), shipped.parameters()):
+        torch.testing.assert_close(q.grad, p.grad, rtol=1e-4, atol=1e-5 * p.grad.abs().max().item(), msg=key)

@@ -559,3 +559,30 @@ def test_bf16_training_gradients_follow_fp32():
         grads.append(torch.cat([t.flatten() for t in g if t is not None]))
     # Measured: cosine 0.9970 (0.9973 with the BatchNorms left unfolded); a wrong gradient path is far below.
     assert F.cosine_similarity(grads[0], grads[1], dim=0) > 0.97
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("bias", [False, True])
+def test_conv_transpose_2x2_as_matmul_matches_the_convolution(channels_last, bias):
+    """ConvTranspose2x2 (U-Net and mask-decoder upsampling) = F.conv_transpose2d: values, input
+    and parameter gradients, and the input's memory layout; other shapes fall back to it."""
+    from synfoc.models.fused import ConvTranspose2x2
+
+    torch.manual_seed(0)
+    layer = ConvTranspose2x2(6, 5, 2, stride=2, bias=bias)
+    x = torch.randn(3, 6, 4, 7)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    grad = torch.randn(3, 5, 8, 14)
+    x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
+    y = layer(x1)
+    expected = F.conv_transpose2d(x2, layer.weight, layer.bias, stride=2)
+    torch.testing.assert_close(y, expected, rtol=1e-5, atol=1e-6)
+    assert y.is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+    got = torch.autograd.grad(y, [x1, layer.weight] + ([layer.bias] if bias else []), grad)
+    want = torch.autograd.grad(expected, [x2, layer.weight] + ([layer.bias] if bias else []), grad)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5)
+
+    other = ConvTranspose2x2(6, 5, 3, stride=2, padding=1)
+    torch.testing.assert_close(other(x), F.conv_transpose2d(x, other.weight, other.bias, stride=2, padding=1))

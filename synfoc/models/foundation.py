@@ -41,7 +41,7 @@ from segment_anything.modeling import ImageEncoderViT, MaskDecoder, PromptEncode
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from .fused import autocast_dtype, conv_pointwise, fold_batchnorm
+from .fused import ConvTranspose2x2, autocast_dtype, conv_pointwise, fold_batchnorm
 from .lora import add_lora_to_qkv, sam_vit_qv_indices, tinyvit_qv_indices
 from .weights import check_state_dict, file_sha256, load_state_dict_file
 
@@ -171,6 +171,9 @@ def _new_decoder(pretrained: MaskDecoder, num_classes: int) -> PromptFreeMaskDec
         )
     # Pretrained parts whose shapes do not depend on the number of masks are kept as they are.
     decoder.output_upscaling = pretrained.output_upscaling
+    for m in decoder.output_upscaling.modules():
+        if type(m) is nn.ConvTranspose2d:
+            m.__class__ = ConvTranspose2x2  # same parameters; its 2x2 stride-2 case as one matmul
     decoder.iou_token = pretrained.iou_token
     return decoder
 

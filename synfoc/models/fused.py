@@ -1,8 +1,12 @@
-"""Inference-time fusions for the frozen convolutions of the foundation model's encoder: BatchNorm
-folded into the convolution before it, and oneDNN's convolution + pointwise kernels on the CPU.
+"""Faster kernels that change no function (tests compare each with the plain module):
 
-Both change no function (tests compare them with the plain modules); they only spare passes over
-activations, which dominate CPU time at full input resolution.
+* inference-time fusions for the frozen convolutions of the foundation model's encoder: BatchNorm
+  folded into the convolution before it, and oneDNN's convolution + pointwise kernels on the CPU;
+* :class:`ConvTranspose2x2`, the 2x2 stride-2 transposed convolution of the U-Net's and the mask
+  decoder's upsampling, as one matrix product.
+
+They spare passes over activations or slow oneDNN paths, which dominate CPU time at full input
+resolution.
 """
 
 from __future__ import annotations
@@ -47,3 +51,32 @@ def autocast_dtype(x: torch.Tensor) -> torch.dtype:
     """The dtype autocast would compute a convolution of ``x`` in here (``x.dtype`` without autocast)."""
     device = x.device.type
     return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
+
+
+class ConvTranspose2x2(nn.ConvTranspose2d):
+    """``nn.ConvTranspose2d`` (same parameters and names) whose 2x2, stride-2 case runs as one matrix
+    product: each input pixel's channels times the ``(C_in, 2*2*C_out)`` weight matrix give its 2x2
+    output block, which a view rearranges into the upsampled map. Forward and backward are ordinary
+    matmul and view operations.
+
+    oneDNN's weight gradient of the transposed convolution is slow: on the 2-core Xeon, bf16
+    channels-last, batch 4, forward + backward of the U-Net's four upsamplings took 246 ms as
+    transposed convolutions and 125 ms as matrix products, and the mask decoder's two 70 -> 40 ms
+    (RESULTS.md). Other shapes use the transposed convolution.
+    """
+
+    def forward(self, x: torch.Tensor, output_size: list[int] | None = None) -> torch.Tensor:
+        if (output_size is not None or self.kernel_size != (2, 2) or self.stride != (2, 2) or self.padding != (0, 0)
+                or self.output_padding != (0, 0) or self.dilation != (1, 1) or self.groups != 1 or x.ndim != 4):
+            return super().forward(x, output_size)
+        b, c, h, w = x.shape
+        out = self.out_channels
+        pixels = x.permute(0, 2, 3, 1).reshape(b * h * w, c)           # a view for channels-last x
+        weight = self.weight.permute(0, 2, 3, 1).reshape(c, 4 * out)   # columns ordered (dy, dx, o)
+        if self.bias is None:
+            blocks = pixels @ weight
+        else:
+            blocks = torch.addmm(self.bias.repeat(4), pixels, weight)
+        y = blocks.view(b, h, w, 2, 2, out).permute(0, 1, 3, 2, 4, 5).reshape(b, 2 * h, 2 * w, out)
+        y = y.permute(0, 3, 1, 2)                                      # (b, out, 2h, 2w), channels-last
+        return y if x.is_contiguous(memory_format=torch.channels_last) else y.contiguous()

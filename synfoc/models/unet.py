@@ -7,6 +7,8 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
+from .fused import ConvTranspose2x2
+
 
 class BatchNorm2d(nn.BatchNorm2d):
     """``nn.BatchNorm2d`` that can normalise one batch as several independent ones.
@@ -52,7 +54,7 @@ def _double_conv(cin: int, cout: int) -> nn.Sequential:
 class _Up(nn.Module):
     def __init__(self, cin: int, cout: int) -> None:
         super().__init__()
-        self.up = nn.ConvTranspose2d(cin, cout, 2, stride=2)
+        self.up = ConvTranspose2x2(cin, cout, 2, stride=2)
         self.conv = _double_conv(2 * cout, cout)
 
     def forward(self, x: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
