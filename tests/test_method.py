@@ -213,6 +213,8 @@ def test_independent_batches_equal_separate_forwards():
     assert all(m.groups == 1 for m in joint.modules() if isinstance(m, BatchNorm2d))  # the context reset them
     # The same forward without the split mixes the halves' statistics: a different function.
     assert not torch.allclose(joint(torch.cat([a, b])), out_separate, atol=1e-3)
+    with independent_batches(joint, 2), pytest.raises(ValueError, match="batch of 3 cannot be split into 2"):
+        joint(torch.randn(3, 1, 32, 32))
 
 
 def test_synfoc_step_gradients_reach_both_students_and_alpha_detached():

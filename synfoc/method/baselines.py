@@ -14,9 +14,9 @@ from torch import nn
 
 from synfoc.augment import intermediate_sample
 from synfoc.method.losses import ce_dice_loss, cross_entropy
-from synfoc.models.unet import independent_batches
 from synfoc.method.synfoc import (Views, frozen_batchnorm_stats, probs_of, pseudo_label, ramp_weight,
                                   resize_labels)
+from synfoc.models.unet import independent_batches
 
 METHODS = ("synfoc", "base-unet", "base-foundation", "suponly-unet", "suponly-foundation", "samed", "fixmatch")
 
