@@ -39,6 +39,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 from scipy.ndimage import gaussian_filter, map_coordinates
+from segment_anything.modeling import ImageEncoderViT
 from torch import nn
 
 from synfoc.method.losses import ce_dice_loss, divergence_mse, entropy_on_consensus
@@ -108,7 +109,7 @@ def _shipped_encode(self: FoundationModel, images: torch.Tensor) -> torch.Tensor
     """The encoder's own forward (TinyViT's ``forward_features`` with its 64x64 grid read from the
     last stage, so that other input sizes work too)."""
     encoder = self.image_encoder
-    if not hasattr(encoder, "layers"):  # SAM ViT
+    if isinstance(encoder, ImageEncoderViT):
         return encoder(images)
     x = encoder.patch_embed(images)
     for layer in encoder.layers:

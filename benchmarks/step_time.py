@@ -155,7 +155,8 @@ class ReferenceRunner:
         unet, foundation = build_students(args, self.device)
         n = 2 * max(args.batch_labeled, args.batch_unlabeled)
         size = foundation.image_size  # the authors augment at the largest input size
-        self.ref = ReferenceSynFoC(as_shipped(unet), as_shipped(foundation), synthetic_arrays(n, size, "siteA", args.num_classes),
+        self.ref = ReferenceSynFoC(as_shipped(unet), as_shipped(foundation),
+                                   synthetic_arrays(n, size, "siteA", args.num_classes),
                                    synthetic_arrays(n, size, "siteB", args.num_classes), args.unet_size,
                                    parts_of(args.num_classes), (args.batch_labeled, args.batch_unlabeled),
                                    self.device, args.seed)

@@ -26,7 +26,8 @@ class BatchNorm2d(nn.BatchNorm2d):
             return super().forward(x)
         if x.shape[0] % self.groups:
             raise ValueError(f"a batch of {x.shape[0]} cannot be split into {self.groups} equal batches")
-        return torch.cat([super(BatchNorm2d, self).forward(part) for part in x.chunk(self.groups)])
+        normalise = super().forward
+        return torch.cat([normalise(part) for part in x.chunk(self.groups)])
 
 
 @contextmanager
