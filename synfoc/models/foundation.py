@@ -476,11 +476,15 @@ class FoundationModel(nn.Module):
     def decode(self, image_embeddings: torch.Tensor) -> torch.Tensor:
         """Prompt-free decoding: empty sparse prompt, dense prompt = ``no_mask_embed`` everywhere."""
         batch, _, height, width = image_embeddings.shape
+        dtype = image_embeddings.dtype
         sparse = image_embeddings.new_empty((batch, 0, self.prompt_encoder.embed_dim))
-        dense = self.prompt_encoder.no_mask_embed.weight.reshape(1, -1, 1, 1).expand(batch, -1, height, width)
+        # The dense prompt and the positional encoding in the embedding's dtype: under bf16 autocast
+        # the decoder's image-token stream (B, g*g, 256) then stays bf16, where the fp32 parameters
+        # would promote every residual add, LayerNorm and permute of it to fp32 (no-op in fp32).
+        dense = self.prompt_encoder.no_mask_embed.weight.to(dtype).reshape(1, -1, 1, 1).expand(batch, -1, height, width)
         masks, _ = self.mask_decoder.predict_masks(
             image_embeddings=image_embeddings,
-            image_pe=self.prompt_encoder.get_dense_pe(),
+            image_pe=self.prompt_encoder.get_dense_pe().to(dtype),
             sparse_prompt_embeddings=sparse,
             dense_prompt_embeddings=dense,
         )
