@@ -142,35 +142,48 @@ class SynFoC(nn.Module):
         return a, a
 
     def step(self, v: Views, t: int, total: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        su, so = v.x_u.shape[-1], None
+        su, b = v.x_u.shape[-1], v.x_u.shape[0]
         # 1. Teachers on U_w, no gradient.
         with torch.inference_mode():
             p_ut_hat = probs_of(self.teacher_unet, v.uw_u)
             p_ms_hat_native = probs_of(self.teacher_foundation, v.uw_f)
-            # Self-confidence compares the UT student with its teacher on U_w: a forward without a
-            # graph and without touching BatchNorm's running statistics.
-            with frozen_batchnorm_stats(self.unet):
-                q_ut_student = labels_of(self.unet(v.uw_u))
-        p_ut_hat, p_ms_hat_native, q_ut_student = p_ut_hat.clone(), p_ms_hat_native.clone(), q_ut_student.clone()
+        p_ut_hat, p_ms_hat_native = p_ut_hat.clone(), p_ms_hat_native.clone()
         so = p_ms_hat_native.shape[-1]
+
+        # 2. Intermediate samples (Eq. 1): the box M of U_s takes the labeled image.
+        u_c_u = intermediate_sample(v.x_u, v.us_u, v.box_u)
+        u_c_f = intermediate_sample(v.x_f, v.us_f, v.box_f)
+
+        # 3. Students, each on X_w and U_c in one batch. MS's trainable parts have no BatchNorm; the
+        #    U-Net's BatchNorm normalises each half with its own statistics, so the batched forward
+        #    is the paper's two separate forwards (only the convolutions are batched).
+        logits_ms = self.foundation(torch.cat([v.x_f, u_c_f]))
+        logits_ms_x, logits_ms_c = logits_ms[:b], logits_ms[b:]
+        with independent_batches(self.unet, 2):
+            logits_ut = self.unet(torch.cat([v.x_u, u_c_u]))
+        logits_ut_x, logits_ut_c = logits_ut[:b], logits_ut[b:]
+
+        # 4. The UT student on U_w for its self-confidence: no graph, BatchNorm's running statistics
+        #    untouched. The students' weights do not change within the iteration, so running it after
+        #    their training forwards is the same; under autocast it reuses their cast weights.
+        with torch.no_grad(), frozen_batchnorm_stats(self.unet):
+            q_ut_student = labels_of(self.unet(v.uw_u))
         p_ms_hat = resize_probs(p_ms_hat_native, su)
         q_ut_hat, q_ms_hat = labels_of(p_ut_hat), labels_of(p_ms_hat)
 
-        # 2. Self-mutual confidence, per instance and detached (Eqs. 4-6).
+        # 5. Self-mutual confidence, per instance and detached (Eqs. 4-6).
         self_conf = part_dice(q_ut_student, q_ut_hat, self.parts)    # Eq. (4)
         mutual_conf = part_dice(q_ms_hat, q_ut_hat, self.parts)      # Eq. (5)
         alpha_ut, alpha_ms = self.alpha(self_conf, mutual_conf, t, total)
 
-        # 3. Ensemble pseudo-labels and confidence masks (Eq. 3), at the U-Net size and, resized
+        # 6. Ensemble pseudo-labels and confidence masks (Eq. 3), at the U-Net size and, resized
         #    then thresholded again, at the foundation model's output size.
         p_en_ut = ensemble(p_ut_hat, p_ms_hat, alpha_ut)
         p_en_ms = resize_probs(ensemble(p_ut_hat, p_ms_hat, alpha_ms), so)
         q_en_ut, w_en_ut = pseudo_label(p_en_ut, self.threshold)
         q_en_ms, w_en_ms = pseudo_label(p_en_ms, self.threshold)
 
-        # 4. Intermediate samples (Eq. 1): the box M takes the labeled image and label.
-        u_c_u = intermediate_sample(v.x_u, v.us_u, v.box_u)
-        u_c_f = intermediate_sample(v.x_f, v.us_f, v.box_f)
+        # 7. Intermediate pseudo-labels (Eq. 1): inside the box M the label of X_w.
         box_o = resize_labels(v.box_f, so)
         y_o = resize_labels(v.y_f, so)
         q_c_ut = intermediate_sample(v.y_u, q_en_ut, v.box_u)
@@ -178,17 +191,7 @@ class SynFoC(nn.Module):
         w_c_ut = v.box_u | w_en_ut      # inside the box the label is true: confidence 1
         w_c_ms = box_o | w_en_ms
 
-        # 5. Students, each on X_w and U_c in one batch. MS's trainable parts have no BatchNorm; the
-        #    U-Net's BatchNorm normalises each half with its own statistics, so the batched forward
-        #    is the paper's two separate forwards (only the convolutions are batched).
-        b = v.x_u.shape[0]
-        logits_ms = self.foundation(torch.cat([v.x_f, u_c_f]))
-        logits_ms_x, logits_ms_c = logits_ms[:b], logits_ms[b:]
-        with independent_batches(self.unet, 2):
-            logits_ut = self.unet(torch.cat([v.x_u, u_c_u]))
-        logits_ut_x, logits_ut_c = logits_ut[:b], logits_ut[b:]
-
-        # 6. Losses. L_x: supervised CE + Dice of each student (MS against nearest-resized labels).
+        # 8. Losses. L_x: supervised CE + Dice of each student (MS against nearest-resized labels).
         loss_x = ce_dice_loss(logits_ut_x, v.y_u) + ce_dice_loss(logits_ms_x, y_o)
         # L_u (Eq. 7): masked CE + masked Dice against the intermediate pseudo-label Q_c.
         loss_u = ce_dice_loss(logits_ut_c, q_c_ut, w_c_ut) + ce_dice_loss(logits_ms_c, q_c_ms, w_c_ms)
