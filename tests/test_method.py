@@ -225,20 +225,19 @@ def test_independent_batches_equal_separate_forwards(low):
         joint(torch.randn(3, 1, 32, 32))
 
 
-def test_synfoc_step_gradients_reach_both_students_and_alpha_detached():
-    torch.manual_seed(0)
+class TinySeg(nn.Module):
+    """A one-convolution two-class segmenter for 16x16 inputs."""
 
-    class TinySeg(nn.Module):
-        def __init__(self, cin, out_scale=1):
-            super().__init__()
-            self.conv = nn.Conv2d(cin, 2, 3, padding=1)
-            self.image_size = 16
+    def __init__(self, cin):
+        super().__init__()
+        self.conv = nn.Conv2d(cin, 2, 3, padding=1)
+        self.image_size = 16
 
-        def forward(self, x):
-            return self.conv(x)
+    def forward(self, x):
+        return self.conv(x)
 
-    unet, fm = TinySeg(1), TinySeg(1)
-    m = SynFoC(unet, fm, make_teacher(unet), make_teacher(fm), [(1,)])
+
+def tiny_views() -> Views:
     g = torch.Generator().manual_seed(0)
     box = box_mask(draw_boxes(2, AugmentConfig(), g), 16, "cpu")
     x = torch.rand(2, 1, 16, 16)
@@ -246,6 +245,14 @@ def test_synfoc_step_gradients_reach_both_students_and_alpha_detached():
     v = Views(x_u=x, y_u=y, x_f=x, y_f=y, uw_u=torch.rand(2, 1, 16, 16), us_u=torch.rand(2, 1, 16, 16),
               box_u=box, box_f=box, unlabeled_truth=y)
     v.uw_f, v.us_f = v.uw_u, v.us_u
+    return v
+
+
+def test_synfoc_step_gradients_reach_both_students_and_alpha_detached():
+    torch.manual_seed(0)
+    unet, fm = TinySeg(1), TinySeg(1)
+    m = SynFoC(unet, fm, make_teacher(unet), make_teacher(fm), [(1,)])
+    v = tiny_views()
     loss, logs = m.step(v, 50, 100)
     loss.backward()
     assert unet.conv.weight.grad.abs().sum() > 0 and fm.conv.weight.grad.abs().sum() > 0
@@ -255,3 +262,32 @@ def test_synfoc_step_gradients_reach_both_students_and_alpha_detached():
     m.consistency = "none"
     _, logs = m.step(v, 50, 100)
     assert logs["loss_c"].item() == 0 and logs["loss_d"].item() == 0
+
+
+def test_self_confidence_is_the_student_before_its_update_and_leaves_batchnorm_alone():
+    """Eq. 4 compares the U-Net student's prediction on U_w (batch statistics, as in its training
+    forward) with its teacher's. The step runs that forward after the students' training forwards;
+    the running statistics must end where the training forward on X_w and U_c alone leaves them."""
+    torch.manual_seed(0)
+    unet = build_unet(1, 1, 4).train()
+    teacher = make_teacher(unet)
+    with torch.no_grad():  # a teacher that disagrees, so that the self-confidence is not 1
+        for p in teacher.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+    before = copy.deepcopy(unet)
+    fm = TinySeg(1)
+    v = tiny_views()
+    _, logs = SynFoC(unet, fm, teacher, make_teacher(fm), [(1,)]).step(v, 50, 100)
+
+    expected = copy.deepcopy(before)
+    with independent_batches(expected, 2):
+        expected(torch.cat([v.x_u, intermediate_sample(v.x_u, v.us_u, v.box_u)]))
+    for (name, x), y in zip(expected.named_buffers(), unet.buffers()):
+        if "running" in name:
+            torch.testing.assert_close(y, x, rtol=1e-5, atol=1e-6, msg=name)
+    with torch.no_grad():
+        q_student = copy.deepcopy(before)(v.uw_u).argmax(1)
+        q_teacher = copy.deepcopy(teacher)(v.uw_u).argmax(1)
+    self_conf = part_dice(q_student, q_teacher, [(1,)]).mean().item()
+    assert 0 < self_conf < 0.999
+    assert logs["self_confidence"].item() == pytest.approx(self_conf, rel=1e-6)
