@@ -20,6 +20,15 @@ from synfoc.models.unet import build_unet
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def as_shipped(model: torch.nn.Module) -> torch.nn.Module:
+    """``benchmarks/reference_step.as_shipped`` (the benchmarks folder is not a package)."""
+    if str(ROOT / "benchmarks") not in sys.path:
+        sys.path.insert(0, str(ROOT / "benchmarks"))
+    from reference_step import as_shipped as shipped
+
+    return shipped(model)
+
+
 def test_step_time_alternates_both_modes_and_reports_json():
     cmd = [sys.executable, str(ROOT / "benchmarks" / "step_time.py"), "--foundation", "litemedsam",
            "--image-size", "64", "--unet-size", "64", "--unet-width", "8", "--iters", "2", "--warmup", "1",
@@ -42,9 +51,6 @@ def test_step_time_alternates_both_modes_and_reports_json():
 def test_reference_foundation_as_shipped_computes_the_same_function(name):
     """The reference step's foundation model (vendored modules, plain LoRA) is the fast path's
     model with its speed-only modules undone: same logits, same gradients."""
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    from reference_step import as_shipped
-
     torch.manual_seed(0)
     model = build_foundation_model(name, num_classes=2, image_size=64, pretrained=name == "litemedsam").train()
     with torch.no_grad():  # LoRA's B starts at zero: make the low-rank path count
@@ -71,9 +77,6 @@ def test_reference_foundation_as_shipped_computes_the_same_function(name):
 
 def test_reference_unet_as_shipped_computes_the_same_function():
     """The reference's U-Net upsamples with nn.ConvTranspose2d; same logits and gradients."""
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    from reference_step import as_shipped
-
     torch.manual_seed(0)
     unet = build_unet(1, 2, 8).train()
     shipped = as_shipped(unet)
