@@ -179,7 +179,8 @@ class SynFoC(nn.Module):
         # 6. Ensemble pseudo-labels and confidence masks (Eq. 3), at the U-Net size and, resized
         #    then thresholded again, at the foundation model's output size.
         p_en_ut = ensemble(p_ut_hat, p_ms_hat, alpha_ut)
-        p_en_ms = resize_probs(ensemble(p_ut_hat, p_ms_hat, alpha_ms), so)
+        # Every strategy but cps gives both students the same alpha: reuse that ensemble.
+        p_en_ms = resize_probs(p_en_ut if alpha_ms is alpha_ut else ensemble(p_ut_hat, p_ms_hat, alpha_ms), so)
         q_en_ut, w_en_ut = pseudo_label(p_en_ut, self.threshold)
         q_en_ms, w_en_ms = pseudo_label(p_en_ms, self.threshold)
 
