@@ -58,9 +58,10 @@ def test_reference_foundation_as_shipped_computes_the_same_function(name):
             p[1].normal_(0, 0.05)
     shipped = as_shipped(model).train()
     kinds = {type(m).__name__ for m in shipped.modules()}
-    assert "ConvTranspose2x2" in {type(m).__name__ for m in model.modules()}
-    assert not kinds & {"FoldedConv2dBN", "TinyViTWindowAttention", "ChannelLayerNorm", "LoRAQKV", "ConvTranspose2x2"}
-    assert {"PlainLoRAQKV", "LayerNorm2d", "ConvTranspose2d"} <= kinds
+    assert {"ConvTranspose2x2", "FusedLinear"} <= {type(m).__name__ for m in model.modules()}
+    assert not kinds & {"FoldedConv2dBN", "TinyViTWindowAttention", "ChannelLayerNorm", "LoRAQKV", "ConvTranspose2x2",
+                        "FusedLinear"}
+    assert {"PlainLoRAQKV", "LayerNorm2d", "ConvTranspose2d", "Linear"} <= kinds
     if name == "litemedsam":
         assert {"Conv2d_BN", "Attention"} <= kinds
 

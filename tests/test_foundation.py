@@ -586,3 +586,44 @@ def test_conv_transpose_2x2_as_matmul_matches_the_convolution(channels_last, bia
 
     other = ConvTranspose2x2(6, 5, 3, stride=2, padding=1)
     torch.testing.assert_close(other(x), F.conv_transpose2d(x, other.weight, other.bias, stride=2, padding=1))
+
+
+@pytest.mark.parametrize("shape", [(37, 24), (2, 19, 24)])
+@pytest.mark.parametrize("bf16", [False, True])
+def test_fused_linear_matches_f_linear(shape, bf16, monkeypatch):
+    """synfoc.models.fused.linear (the foundation model's linear layers, the upsamplings' matmul) =
+    F.linear under the same autocast: values and input, weight and bias gradients. Under CPU bf16
+    autocast it must take oneDNN's bias-in-matmul path (counted), in fp32 it falls back."""
+    from synfoc.models import fused
+
+    if bf16 and not fused._LINEAR_POINTWISE:
+        pytest.skip("this PyTorch build has no oneDNN linear kernels")
+    calls = []
+    apply = fused._BiasInMatmul.apply
+    monkeypatch.setattr(fused._BiasInMatmul, "apply", lambda *a: calls.append(1) or apply(*a))
+    torch.manual_seed(0)
+    w, b = torch.randn(10, 24, requires_grad=True), torch.randn(10, requires_grad=True)
+    x = torch.randn(*shape, requires_grad=True)
+    grad = torch.randn(*shape[:-1], 10)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        got = fused.linear(x, w, b)
+        want = F.linear(x, w, b)
+    assert len(calls) == int(bf16)
+    assert got.dtype == want.dtype and got.shape == want.shape
+    torch.testing.assert_close(got, want, rtol=0, atol=0) if bf16 else torch.testing.assert_close(got, want)
+    got_grads = torch.autograd.grad(got, [x, w, b], grad.to(got.dtype))
+    want_grads = torch.autograd.grad(want, [x, w, b], grad.to(want.dtype))
+    for g, e in zip(got_grads, want_grads):
+        assert g.dtype == e.dtype
+        torch.testing.assert_close(g, e, rtol=1e-2 if bf16 else 1e-5, atol=1e-2 if bf16 else 1e-5)
+    if bf16 and len(shape) == 2:  # a 2-D result is not a view: LoRA adds into it in place
+        assert got._base is None
+
+
+def test_foundation_linear_layers_are_fused():
+    """Every nn.Linear of the foundation model runs through fused.linear (same parameter names)."""
+    from synfoc.models.fused import FusedLinear
+
+    model = build_foundation_model("litemedsam", num_classes=1, image_size=64, pretrained=False)
+    kinds = [type(m) for m in model.modules()]
+    assert FusedLinear in kinds and torch.nn.Linear not in kinds

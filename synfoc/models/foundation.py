@@ -41,7 +41,7 @@ from segment_anything.modeling import ImageEncoderViT, MaskDecoder, PromptEncode
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from .fused import ConvTranspose2x2, autocast_dtype, conv_pointwise, fold_batchnorm
+from .fused import ConvTranspose2x2, FusedLinear, autocast_dtype, conv_pointwise, fold_batchnorm
 from .lora import add_lora_to_qkv, sam_vit_qv_indices, tinyvit_qv_indices
 from .weights import check_state_dict, file_sha256, load_state_dict_file
 
@@ -449,6 +449,9 @@ class FoundationModel(nn.Module):
         self.grad_checkpointing = grad_checkpointing
         self.image_encoder.eval()
         _replace_modules(self, "LayerNorm2d", ChannelLayerNorm)
+        for module in self.modules():
+            if type(module) is nn.Linear:
+                module.__class__ = FusedLinear  # same parameters, bias added inside the matmul
 
     @property
     def embedding_size(self) -> int:
