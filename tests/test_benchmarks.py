@@ -60,10 +60,10 @@ def test_reference_foundation_as_shipped_computes_the_same_function(name):
     kinds = {type(m).__name__ for m in shipped.modules()}
     assert {"ConvTranspose2x2", "FusedLinear"} <= {type(m).__name__ for m in model.modules()}
     assert not kinds & {"FoldedConv2dBN", "TinyViTWindowAttention", "ChannelLayerNorm", "LoRAQKV", "ConvTranspose2x2",
-                        "FusedLinear"}
+                        "FusedLinear", "TinyViTMlp"}
     assert {"PlainLoRAQKV", "LayerNorm2d", "ConvTranspose2d", "Linear"} <= kinds
     if name == "litemedsam":
-        assert {"Conv2d_BN", "Attention"} <= kinds
+        assert {"Conv2d_BN", "Attention", "Mlp"} <= kinds
 
     x = torch.rand(2, 3, 64, 64)
     fast, plain = model(x), shipped(x)

@@ -627,3 +627,81 @@ def test_foundation_linear_layers_are_fused():
     model = build_foundation_model("litemedsam", num_classes=1, image_size=64, pretrained=False)
     kinds = [type(m) for m in model.modules()]
     assert FusedLinear in kinds and torch.nn.Linear not in kinds
+
+
+def test_pixelwise_conv_with_residual_as_matmul_matches_the_convolution(monkeypatch):
+    """The frozen stage's 1x1 convolution + residual (MBConv projection) as a matmul over channels-
+    last pixels = oneDNN's convolution with the add fused (and the plain ops), in bf16."""
+    from synfoc.models import fused
+
+    if not (fused._POINTWISE and fused._LINEAR_POINTWISE):
+        pytest.skip("this PyTorch build has no oneDNN pointwise kernels")
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(24, 8, 1)
+    x = torch.randn(2, 24, 9, 7).bfloat16().contiguous(memory_format=torch.channels_last)
+    residual = torch.randn(2, 8, 9, 7).bfloat16().contiguous(memory_format=torch.channels_last)
+    weight, bias = conv.weight.detach(), conv.bias.detach()
+    with torch.no_grad():
+        got = fused.conv_pointwise(x, weight, bias, conv, None, residual)
+        monkeypatch.setattr(fused, "_LINEAR_POINTWISE", False)
+        onednn_conv = fused.conv_pointwise(x, weight, bias, conv, None, residual)
+        plain = F.conv2d(x.float(), weight, bias) + residual.float()
+    assert got.shape == plain.shape and got.dtype == torch.bfloat16
+    assert got.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(got, onednn_conv)
+    torch.testing.assert_close(got.float(), plain, rtol=2e-2, atol=2e-2)
+
+
+def test_tinyvit_mlp_fuses_gelu_only_without_gradient():
+    """TinyViTMlp = the vendored Mlp: exactly in fp32, within bf16 rounding when the teacher's GELU
+    runs inside the matmul, and through the unfused path when a gradient is needed."""
+    from synfoc.models.foundation import TinyViTMlp
+
+    encoder = _lite(image_size=64).image_encoder
+    mlps = [m for m in encoder.modules() if isinstance(m, TinyViTMlp)]
+    assert len(mlps) == sum(len(layer.blocks) for layer in encoder.layers[1:])
+    mlp = mlps[0]
+    vendored = lambda x: mlp.fc2(F.gelu(F.linear(mlp.norm(x), mlp.fc1.weight, mlp.fc1.bias)))  # noqa: E731
+    x = torch.randn(2, 50, mlp.fc1.in_features)
+    with torch.no_grad():
+        torch.testing.assert_close(mlp(x), vendored(x), rtol=1e-5, atol=1e-5)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            fused_bf16, plain_bf16 = mlp(x), vendored(x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        x_grad = x.clone().requires_grad_()
+        trained = mlp(x_grad)
+    torch.testing.assert_close(trained, plain_bf16, rtol=0, atol=0)  # with a gradient: unfused
+    torch.testing.assert_close(fused_bf16.float(), plain_bf16.float(), rtol=2e-2, atol=2e-2)
+    assert trained.requires_grad
+
+
+@pytest.mark.parametrize("size", [8, 32])
+def test_unet_conv3x3_matches_the_convolution(size, monkeypatch):
+    """The U-Net's Conv3x3 = nn.Conv2d(3x3, padding 1, no bias): under CPU bf16 autocast on small
+    maps its weight gradient comes from one matmul over unfolded patches (taken: counted), on larger
+    maps and in fp32 it is the plain convolution; values and input and weight gradients agree."""
+    from synfoc.models import fused
+
+    calls = []
+    apply = fused._Conv3x3MatmulWeightGrad.apply
+    monkeypatch.setattr(fused._Conv3x3MatmulWeightGrad, "apply", lambda *a: calls.append(1) or apply(*a))
+    torch.manual_seed(0)
+    conv = fused.Conv3x3(6, 5).to(memory_format=torch.channels_last)
+    x = torch.randn(3, 6, size, size + 4 * (size == 8) // 2).contiguous(memory_format=torch.channels_last)
+    for bf16 in (True, False):
+        x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            y = conv(x1)
+            expected = F.conv2d(x2, conv.weight, None, 1, 1)
+        assert y.dtype == expected.dtype
+        tol = {"rtol": 2e-2, "atol": 2e-2} if bf16 else {"rtol": 1e-5, "atol": 1e-5}
+        torch.testing.assert_close(y, expected, rtol=0, atol=0)  # forward: the same convolution
+        grad = torch.randn_like(y)
+        got = torch.autograd.grad(y, [x1, conv.weight], grad)
+        want = torch.autograd.grad(expected, [x2, conv.weight], grad)
+        for g, w in zip(got, want):
+            assert g.dtype == w.dtype
+            torch.testing.assert_close(g, w, **tol)
+        # the weight gradient's scale, so a transposed or misordered patch layout cannot pass
+        assert (got[1] - want[1]).norm() < 0.02 * want[1].norm()
+    assert len(calls) == int(size == 8)

@@ -41,7 +41,7 @@ from segment_anything.modeling import ImageEncoderViT, MaskDecoder, PromptEncode
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from .fused import ConvTranspose2x2, FusedLinear, autocast_dtype, conv_pointwise, fold_batchnorm
+from .fused import ConvTranspose2x2, FusedLinear, autocast_dtype, conv_pointwise, fold_batchnorm, linear
 from .lora import add_lora_to_qkv, sam_vit_qv_indices, tinyvit_qv_indices
 from .weights import check_state_dict, file_sha256, load_state_dict_file
 
@@ -50,6 +50,7 @@ __all__ = [
     "FoundationModel",
     "PromptFreeMaskDecoder",
     "RANDOM_WEIGHTS",
+    "TinyViTMlp",
     "TinyViTWindowAttention",
     "build_foundation_model",
     "lite_medsam_box_masks",
@@ -340,6 +341,20 @@ class TinyViTWindowAttention(nn.Module):
         return self.proj(x.transpose(1, 2).reshape(batch, tokens, self.dh))
 
 
+class TinyViTMlp(nn.Module):
+    """TinyViT's ``Mlp`` (LayerNorm, linear, exact GELU, linear; same submodules and parameter
+    names) whose first linear layer applies the GELU inside its matmul when nothing is
+    differentiated (the EMA teacher under CPU bf16 autocast: :func:`synfoc.models.fused.linear`)."""
+
+    def __init__(self, mlp: nn.Module) -> None:
+        super().__init__()
+        self.norm, self.fc1, self.fc2, self.act, self.drop = mlp.norm, mlp.fc1, mlp.fc2, mlp.act, mlp.drop
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.drop(linear(self.norm(x), self.fc1.weight, self.fc1.bias, gelu=True))
+        return self.drop(self.fc2(x))
+
+
 def _conv_output_size(size: int, conv: nn.Conv2d) -> int:
     """Spatial output size of ``conv`` for a ``size``-pixel input side."""
     kernel, stride, padding, dilation = conv.kernel_size[0], conv.stride[0], conv.padding[0], conv.dilation[0]
@@ -627,6 +642,9 @@ def _build_litemedsam(
     encoder = lite.image_encoder
     _replace_modules(encoder, "Attention", TinyViTWindowAttention)
     _replace_modules(encoder, "Conv2d_BN", FoldedConv2dBN)
+    if all(isinstance(m.act, nn.GELU) and m.act.approximate == "none"
+           for m in encoder.modules() if type(m).__name__ == "Mlp"):
+        _replace_modules(encoder, "Mlp", TinyViTMlp)
     if lora_rank > 0:
         for module in encoder.modules():
             if isinstance(module, TinyViTWindowAttention):

@@ -7,7 +7,7 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
-from .fused import ConvTranspose2x2
+from .fused import Conv3x3, ConvTranspose2x2
 
 
 class BatchNorm2d(nn.BatchNorm2d):
@@ -49,8 +49,8 @@ def _double_conv(cin: int, cout: int) -> nn.Sequential:
     """(3x3 conv, BatchNorm, ReLU) twice. Folding the BatchNorms and fusing the ReLUs for inference
     was tried and measured no faster on the CPU (see benchmarks/RESULTS.md, stop 10)."""
     return nn.Sequential(
-        nn.Conv2d(cin, cout, 3, padding=1, bias=False), BatchNorm2d(cout), nn.ReLU(inplace=True),
-        nn.Conv2d(cout, cout, 3, padding=1, bias=False), BatchNorm2d(cout), nn.ReLU(inplace=True),
+        Conv3x3(cin, cout), BatchNorm2d(cout), nn.ReLU(inplace=True),
+        Conv3x3(cout, cout), BatchNorm2d(cout), nn.ReLU(inplace=True),
     )
 
 
