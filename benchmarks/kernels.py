@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from synfoc.models import build_foundation_model, build_unet
+from synfoc.models import fused as fused_kernels
 from synfoc.models.foundation import FoldedConv2dBN, TinyViTWindowAttention, frozen_conv_stage
 from synfoc.models.lora import LoRAQKV, tinyvit_qv_indices
 from synfoc.train import keep_freed_memory
@@ -144,6 +145,45 @@ def small_rows(reps: int):
 
 
 
+def linear_rows(reps: int):
+    for tokens, cin, cout, what in ((65536, 128, 512, "stage-2 MLP first layer"), (19600, 320, 960, "stage-4 qkv")):
+        x = torch.randn(tokens, cin, dtype=BF16)
+        w, b = torch.randn(cout, cin), torch.randn(cout)
+        with torch.autocast("cpu", dtype=BF16):
+            yield (f"TinyViT {what}, {tokens}x{cin} -> {cout}, bf16 forward", "F.linear", "bias in the matmul",
+                   timed_pair(lambda: F.linear(x, w, b), lambda: fused_kernels.linear(x, w, b), reps))
+    x = torch.randn(32768, 128, dtype=BF16)
+    w, b = torch.randn(512, 128), torch.randn(512)
+    with torch.inference_mode(), torch.autocast("cpu", dtype=BF16):
+        yield ("teacher MLP first layer + GELU, 32768x128 -> 512, bf16", "F.linear, F.gelu", "GELU in the matmul",
+               timed_pair(lambda: F.gelu(F.linear(x, w, b)), lambda: fused_kernels.linear(x, w, b, gelu=True), reps))
+
+    conv = torch.nn.Conv2d(256, 64, 1)
+    xc = torch.randn(4, 256, 256, 256, dtype=BF16).contiguous(memory_format=torch.channels_last)
+    residual = torch.randn(4, 64, 256, 256, dtype=BF16).contiguous(memory_format=torch.channels_last)
+    weight, bias = conv.weight.detach(), conv.bias.detach()
+
+    def projection(pixels_as_matmul):
+        def run():
+            saved = fused_kernels._LINEAR_POINTWISE
+            fused_kernels._LINEAR_POINTWISE = pixels_as_matmul and saved
+            try:
+                fused_kernels.conv_pointwise(xc, weight, bias, conv, None, residual)
+            finally:
+                fused_kernels._LINEAR_POINTWISE = saved
+        return run
+    yield ("MBConv 1x1 projection + residual, 4x256x256x256 -> 64, bf16", "convolution + add", "matmul + add",
+           timed_pair(projection(False), projection(True), reps))
+
+    for cin, cout in ((512, 1024), (1024, 1024)):
+        fast = fused_kernels.Conv3x3(cin, cout).to(memory_format=torch.channels_last)
+        plain = lambda y, c=fast: F.conv2d(y, c.weight, None, 1, 1)  # noqa: E731
+        xs = torch.randn(4, cin, 16, 16, dtype=BF16).contiguous(memory_format=torch.channels_last).requires_grad_()
+        with torch.autocast("cpu", dtype=BF16):
+            yield (f"U-Net 3x3 convolution {cin} -> {cout} at 16x16, batch 4, fwd+bwd", "oneDNN weight gradient",
+                   "matmul weight gradient", timed_pair(fwd_bwd(plain, xs), fwd_bwd(fast, xs), reps))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--reps", type=int, default=7)
@@ -160,6 +200,8 @@ def main() -> None:
     for r in attention_rows(model, args.reps):
         row(*r)
     for r in small_rows(args.reps):
+        row(*r)
+    for r in linear_rows(args.reps):
         row(*r)
 
 
