@@ -45,7 +45,7 @@ from torch import nn
 from synfoc.method.losses import ce_dice_loss, divergence_mse, entropy_on_consensus
 from synfoc.method.synfoc import ramp_weight
 from synfoc.models.foundation import FoundationModel, _replace_modules
-from synfoc.models.fused import ConvTranspose2x2, FusedLinear
+from synfoc.models.fused import Conv3x3, ConvTranspose2x2, FusedLinear
 from synfoc.models.lora import LoRAQKV
 
 
@@ -140,6 +140,8 @@ def as_shipped(model: nn.Module) -> nn.Module:
             m.__class__ = nn.ConvTranspose2d
         elif type(m) is FusedLinear:
             m.__class__ = nn.Linear
+        elif type(m) is Conv3x3:
+            m.__class__ = nn.Conv2d
     if not isinstance(model, FoundationModel):
         return model
     _replace_modules(model, "ChannelLayerNorm", _layer_norm_2d)

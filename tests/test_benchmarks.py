@@ -81,9 +81,10 @@ def test_reference_unet_as_shipped_computes_the_same_function():
     torch.manual_seed(0)
     unet = build_unet(1, 2, 8).train()
     shipped = as_shipped(unet)
-    assert "ConvTranspose2x2" in {type(m).__name__ for m in unet.modules()}
+    assert {"ConvTranspose2x2", "Conv3x3"} <= {type(m).__name__ for m in unet.modules()}
     kinds = [type(m).__name__ for m in shipped.modules()]
     assert "ConvTranspose2x2" not in kinds and kinds.count("ConvTranspose2d") == 4
+    assert "Conv3x3" not in kinds and kinds.count("Conv2d") == 19
     x = torch.rand(2, 1, 32, 32)
     fast, plain = unet(x), shipped(x)
     torch.testing.assert_close(plain, fast, rtol=1e-4, atol=1e-5)

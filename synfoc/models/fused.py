@@ -45,8 +45,8 @@ def conv_pointwise(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, co
                                                            "none" if activation == "gelu" else None)
         if _is_pixelwise(conv) and x.dtype == torch.bfloat16 and _LINEAR_POINTWISE:
             # A 1x1 convolution + residual as one matmul over the pixels of the channels-last maps
-            # with the add in the kernel: the same values, 21.5 -> 14.3 ms for TinyViT's MBConv
-            # projection (4x256x256x256 -> 64 channels, bf16) on the 2-core Xeon.
+            # with the add in the kernel: the same values, 28.3 -> 20.7 ms for TinyViT's MBConv
+            # projection (4x256x256x256 -> 64 channels, bf16) on the 2-core Xeon (kernels.py).
             b, c, h, w = x.shape
             out = weight.shape[0]
             y = torch.ops.mkldnn._linear_pointwise.binary(
@@ -91,8 +91,8 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, gel
     Where it would run in bf16 on the CPU (under bf16 autocast, or on bf16 tensors), the bias is
     added inside oneDNN's matrix product. ``F.linear`` there first copies the bias into every row of
     the output and then accumulates the product onto it, one more pass over the output: TinyViT's
-    linear layers at batch 4 took about twice as long that way (the first MLP layer of stage 2,
-    65536x128 -> 512: 16.1 ms vs 6.8 ms on the 2-core Xeon, ``benchmarks/kernels.py``).
+    linear layers at batch 4 took 1.6-1.7x as long that way (the first MLP layer of stage 2,
+    65536x128 -> 512: 22.0 ms vs 12.9 ms on the 2-core Xeon, ``benchmarks/kernels.py``).
     """
     if (bias is None or x.device.type != "cpu" or not _LINEAR_POINTWISE
             or autocast_dtype(x) != torch.bfloat16 or x.ndim < 2):
@@ -149,9 +149,10 @@ class _Conv3x3MatmulWeightGrad(torch.autograd.Function):
 class Conv3x3(nn.Conv2d):
     """``nn.Conv2d(cin, cout, 3, padding=1, bias=False)`` (same parameters) whose weight gradient,
     under CPU bf16 autocast on maps of at most 16x16 pixels, is one matrix product of the output
-    gradient with the unfolded input. oneDNN's weight gradient is slow there: the U-Net's
-    1024 -> 1024 convolution at 16x16, batch 4, 89 ms vs 41 ms, and 512 -> 1024 35 vs 20 ms on the
-    2-core Xeon; at 32x32 and above oneDNN is as fast or faster (``benchmarks/kernels.py``)."""
+    gradient with the unfolded input. oneDNN's weight gradient is slow there: forward + backward of
+    the U-Net's 1024 -> 1024 convolution at 16x16, batch 4, 188.8 ms vs 156.3 ms, and of the
+    512 -> 1024 one 89.9 vs 79.3 ms on the 2-core Xeon (``benchmarks/kernels.py``); at 32x32 and
+    above oneDNN's weight gradient was as fast or faster (RESULTS.md, stops 12-15)."""
 
     def __init__(self, cin: int, cout: int) -> None:
         super().__init__(cin, cout, 3, padding=1, bias=False)
