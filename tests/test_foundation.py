@@ -665,8 +665,14 @@ def test_tinyvit_mlp_fuses_gelu_only_without_gradient():
     x = torch.randn(2, 50, mlp.fc1.in_features)
     with torch.no_grad():
         torch.testing.assert_close(mlp(x), vendored(x), rtol=1e-5, atol=1e-5)
+        with torch.autocast("cpu", dtype=torch.bfloat16), torch.profiler.profile() as prof:
+            fused_bf16 = mlp(x)
         with torch.autocast("cpu", dtype=torch.bfloat16):
-            fused_bf16, plain_bf16 = mlp(x), vendored(x)
+            plain_bf16 = vendored(x)
+    ops = {event.key for event in prof.key_averages()}
+    from synfoc.models import fused
+    if fused._LINEAR_POINTWISE:  # the teacher's path: oneDNN's matmul with the GELU, no separate GELU
+        assert "mkldnn::_linear_pointwise" in ops and "aten::gelu" not in ops
     with torch.autocast("cpu", dtype=torch.bfloat16):
         x_grad = x.clone().requires_grad_()
         trained = mlp(x_grad)
