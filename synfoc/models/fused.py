@@ -50,8 +50,7 @@ def conv_pointwise(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, co
             b, c, h, w = x.shape
             out = weight.shape[0]
             y = torch.ops.mkldnn._linear_pointwise.binary(
-                x.permute(0, 2, 3, 1).reshape(-1, c), residual.permute(0, 2, 3, 1).reshape(-1, out),
-                weight.reshape(out, c), bias, "add")
+                pixel_rows(x), pixel_rows(residual), weight.reshape(out, c), bias, "add")
             y = y.view(b, h, w, out).permute(0, 3, 1, 2)
         else:
             y = torch.ops.mkldnn._convolution_pointwise.binary(x, residual, *args, "add", None, None, [], None)
@@ -140,8 +139,7 @@ class _Conv3x3MatmulWeightGrad(torch.autograd.Function):
             b, c, h, w = x.shape
             padded = F.pad(x.permute(0, 2, 3, 1), (0, 0, 1, 1, 1, 1))             # (b, h+2, w+2, c)
             patches = torch.stack([padded[:, i:i + h, j:j + w] for i in range(3) for j in range(3)], dim=3)
-            rows = grad.permute(0, 2, 3, 1).reshape(b * h * w, -1)                 # (pixels, out)
-            grad_weight = rows.t() @ patches.reshape(b * h * w, 9 * c)             # (out, (dy, dx, c))
+            grad_weight = pixel_rows(grad).t() @ patches.reshape(b * h * w, 9 * c)  # (out, (dy, dx, c))
             grad_weight = grad_weight.view(-1, 3, 3, c).permute(0, 3, 1, 2).to(weight.dtype)
         return grad_x, grad_weight
 
@@ -162,6 +160,12 @@ class Conv3x3(nn.Conv2d):
                 and self.weight.requires_grad and autocast_dtype(x) == torch.bfloat16):
             return _Conv3x3MatmulWeightGrad.apply(x, self.weight)
         return super().forward(x)
+
+
+def pixel_rows(x: torch.Tensor) -> torch.Tensor:
+    """A ``(B, C, H, W)`` map as the ``(B*H*W, C)`` matrix of its pixels (a view when ``x`` is
+    channels-last)."""
+    return x.permute(0, 2, 3, 1).reshape(-1, x.shape[1])
 
 
 def _is_pixelwise(conv: nn.Conv2d) -> bool:
@@ -194,7 +198,7 @@ class ConvTranspose2x2(nn.ConvTranspose2d):
             return super().forward(x, output_size)
         b, c, h, w = x.shape
         out = self.out_channels
-        pixels = x.permute(0, 2, 3, 1).reshape(b * h * w, c)           # a view for channels-last x
+        pixels = pixel_rows(x)
         weight = self.weight.permute(0, 2, 3, 1).reshape(c, 4 * out)   # columns ordered (dy, dx, o)
         if self.bias is None:
             blocks = pixels @ weight
