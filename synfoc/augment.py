@@ -25,9 +25,13 @@ class AugmentConfig:
     brightness: tuple[float, float] = (0.1, 2.0)   # Fundus (0.5, 1.5)
     contrast: tuple[float, float] = (0.1, 2.0)
     blur_kernel: float = 0.1             # x image side
-    blur_sigma: tuple[float, float] = (0.1, 2.0)   # pixels at the U-Net resolution
+    blur_sigma: tuple[float, float] = (0.1, 2.0)   # pixels at reference_size
     box_area: tuple[float, float] = (0.02, 0.4)
     box_ratio: tuple[float, float] = (0.3, 1 / 0.3)
+    # The side at which the reference script augments (every image is resized to 512 first): the
+    # elastic field's magnitude and the blur's sigma are defined there, and kept relative to the
+    # side at every model input size.
+    reference_size: int = 512
 
 
 def _uniform(g: torch.Generator, n: int, lo: float, hi: float) -> torch.Tensor:
@@ -37,7 +41,7 @@ def _uniform(g: torch.Generator, n: int, lo: float, hi: float) -> torch.Tensor:
 def weak_grid(n: int, size: int, cfg: AugmentConfig, g: torch.Generator) -> torch.Tensor:
     """Sampling grid (n, size, size, 2) in [-1, 1] coordinates for the weak transforms, each with
     probability p: independent W/H scaling by U(scale) and a random crop back to size, rotation by an
-    integer angle, horizontal flip, and elastic deformation (alpha = 2S, sigma = 0.08S)."""
+    integer angle, horizontal flip, and elastic deformation (:func:`elastic_field`)."""
     apply = torch.rand(n, 4, generator=g) < cfg.p
     sx = torch.where(apply[:, 0], _uniform(g, n, *cfg.scale), torch.ones(n))
     sy = torch.where(apply[:, 0], _uniform(g, n, *cfg.scale), torch.ones(n))
@@ -58,16 +62,40 @@ def weak_grid(n: int, size: int, cfg: AugmentConfig, g: torch.Generator) -> torc
     theta[:, 1, 2] = oy
     base = F.affine_grid(theta, [n, 1, size, size], align_corners=False)
 
-    # Elastic: a random field U(-1, 1) smoothed by a Gaussian of sigma = 0.08 S, scaled by alpha = 2S
-    # pixels. A field that smooth is band-limited, so it is drawn on a coarse grid and upsampled.
-    coarse = 32
-    sigma = cfg.elastic_sigma * coarse
-    field = 2 * torch.rand(n, 2, coarse, coarse, generator=g) - 1
-    field = _gaussian_blur(field, torch.full((n,), sigma), kernel=int(4 * sigma) | 1)
-    field = F.interpolate(field, size=(size, size), mode="bilinear", align_corners=False)
-    # alpha * S pixels -> normalised units (2 / S per pixel): 2 * alpha
-    field = field * (2 * cfg.elastic_alpha) * apply[:, 3].float().view(n, 1, 1, 1)
+    field = elastic_field(n, size, cfg, g) * apply[:, 3].float().view(n, 1, 1, 1)
     return base + field.permute(0, 2, 3, 1)
+
+
+ELASTIC_GRID = 64  # coarse side on which the smooth field is drawn (its sigma is 0.08 x 64 = 5 cells)
+
+
+def _gaussian_kernel_energy(sigma: float) -> float:
+    """Sum of the squared weights of the normalised 1-D Gaussian kernel (radius 4 sigma)."""
+    r = torch.arange(-math.ceil(4 * sigma), math.ceil(4 * sigma) + 1, dtype=torch.float64)
+    k = torch.exp(-r ** 2 / (2 * sigma ** 2))
+    return float(((k / k.sum()) ** 2).sum())
+
+
+def elastic_field(n: int, size: int, cfg: AugmentConfig, g: torch.Generator) -> torch.Tensor:
+    """Elastic displacement (n, 2, size, size) in normalised [-1, 1] units (x, y).
+
+    The reference: U(-1, 1) noise per pixel of the R x R image (R = ``reference_size``), smoothed by
+    a Gaussian of sigma 0.08 R, times alpha = 2 R pixels. Smoothing white noise that much is a
+    band-limited field, so it is drawn on a coarse G x G grid and upsampled; but the smoothing
+    removes variance in proportion to the kernel's energy (sum of squared weights, ~1 / (2 sqrt(pi)
+    sigma) per axis), which is R / G times larger on the coarse grid. The field is scaled by the
+    ratio of the two energies, so its statistics relative to the side match the reference's (about
+    0.8% of the side per axis; the map does not fold) at every model size.
+    """
+    coarse = ELASTIC_GRID
+    sigma_c, sigma_r = cfg.elastic_sigma * coarse, cfg.elastic_sigma * cfg.reference_size
+    field = 2 * torch.rand(n, 2, coarse, coarse, generator=g) - 1
+    field = _gaussian_blur(field, torch.full((n,), sigma_c), kernel=2 * math.ceil(4 * sigma_c) + 1)
+    # per axis the 2-D kernel is separable, so the std ratio is the ratio of the 1-D energies
+    field = field * (_gaussian_kernel_energy(sigma_r) / _gaussian_kernel_energy(sigma_c))
+    field = F.interpolate(field, size=(size, size), mode="bilinear", align_corners=False)
+    # alpha x R pixels of an R-pixel side -> normalised units (2 / R per pixel): 2 alpha
+    return field * (2 * cfg.elastic_alpha)
 
 
 def resample(grid: torch.Tensor, size: int) -> torch.Tensor:
@@ -116,10 +144,11 @@ def draw_strong(n: int, cfg: AugmentConfig, g: torch.Generator) -> StrongParams:
                         _uniform(g, n, *cfg.blur_sigma))
 
 
-def strong(image: torch.Tensor, params: StrongParams, cfg: AugmentConfig, reference_size: int) -> torch.Tensor:
+def strong(image: torch.Tensor, params: StrongParams, cfg: AugmentConfig) -> torch.Tensor:
     """Strong view of a weak view: brightness and contrast factors (p=1), then a Gaussian blur of
-    kernel 0.1 S. Sigma is drawn in pixels at ``reference_size`` (the U-Net input) and scaled to
-    this resolution, so both models' views are equally blurred."""
+    kernel 0.1 S. Sigma is drawn in pixels of the ``reference_size`` image, as the reference script
+    blurs its 512 copy, and scaled to this resolution: the blur relative to the side is the
+    reference's at every model size, and both models' views are equally blurred."""
     dev = image.device
     b = params.brightness.to(dev).view(-1, 1, 1, 1)
     c = params.contrast.to(dev).view(-1, 1, 1, 1)
@@ -127,7 +156,7 @@ def strong(image: torch.Tensor, params: StrongParams, cfg: AugmentConfig, refere
     mean = x.mean(dim=(1, 2, 3), keepdim=True)  # contrast blends with the mean grey level
     x = ((x - mean) * c + mean).clamp(0, 1)
     size = image.shape[-1]
-    sigma = params.blur_sigma.to(dev) * size / reference_size
+    sigma = params.blur_sigma.to(dev) * size / cfg.reference_size
     return _gaussian_blur(x, sigma, kernel=int(cfg.blur_kernel * size))
 
 

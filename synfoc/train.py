@@ -200,7 +200,7 @@ def make_views(cfg: TrainConfig, aug: AugmentConfig, labeled: Arrays, unlabeled:
         x, y = warp(*labeled.take(li, size, rt.device), grid_l)
         uw, uy = warp(*unlabeled.take(ui, size, rt.device), grid_u)
         v[f"x_{key}"], v[f"y_{key}"] = x, y
-        v[f"uw_{key}"], v[f"us_{key}"] = uw, strong(uw, strong_params, aug, base)
+        v[f"uw_{key}"], v[f"us_{key}"] = uw, strong(uw, strong_params, aug)
         v[f"box_{key}"] = box_mask(boxes, size, rt.device)
         if size == base:
             v["unlabeled_truth"] = uy

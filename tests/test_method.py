@@ -184,7 +184,7 @@ def test_strong_view_photometric_only():
     cfg = AugmentConfig()
     x = torch.rand(2, 1, 32, 32)
     params = draw_strong(2, cfg, g)
-    y = strong(x, params, cfg, 32)
+    y = strong(x, params, cfg)
     assert y.shape == x.shape and y.min() >= 0 and y.max() <= 1
     assert torch.all((params.brightness >= 0.1) & (params.brightness <= 2.0))
 
