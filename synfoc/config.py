@@ -32,6 +32,7 @@ class TrainConfig:
     threshold: float = 0.95
     ema_decay: float = 0.99
     teacher_mode: str = "train"           # the published script keeps both teachers in train mode
+    recalibrate_bn: bool = True           # U-Net BatchNorm statistics from weak training views at the end
     # models
     foundation: str = "litemedsam"
     checkpoint: str | None = None

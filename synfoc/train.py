@@ -132,6 +132,30 @@ def make_runtime(cfg: TrainConfig) -> Runtime:
     return Runtime(device, dtype, rank, world, keeps_freed_memory=not use_cuda and keep_freed_memory())
 
 
+def environment(rt: Runtime) -> dict:
+    """Where a run ran: CPU model and the flags that decide synfoc's kernels, GPU, torch, commit."""
+    import subprocess
+    cpu, flags = platform.processor(), set()
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() == "model name":
+                cpu = value.strip()
+            elif key.strip() == "flags":
+                flags = set(value.split())
+    commit = None
+    with contextlib.suppress(OSError, subprocess.SubprocessError):
+        src = Path(__file__).resolve().parent
+        commit = subprocess.run(["git", "-C", str(src), "describe", "--always", "--dirty", "--abbrev=12"],
+                                capture_output=True, text=True, timeout=10).stdout.strip() or None
+    return {"cpu": cpu, "cpu_flags": sorted(flags & {"avx2", "fma", "avx512f", "avx512bw", "avx512_bf16",
+                                                     "amx_bf16", "avx_ne_convert"}),
+            "cores": os.cpu_count(), "threads": torch.get_num_threads(),
+            "gpu": torch.cuda.get_device_name(rt.device) if rt.device.type == "cuda" else None,
+            "torch": torch.__version__, "python": platform.python_version(), "synfoc_commit": commit,
+            "device": str(rt.device), "precision": "bf16" if rt.dtype else "fp32", "processes": rt.world}
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
@@ -207,6 +231,45 @@ def make_views(cfg: TrainConfig, aug: AugmentConfig, labeled: Arrays, unlabeled:
     if su is None:  # foundation-only methods read the *_f fields; unet-only the *_u fields
         v["x_u"], v["y_u"] = v["x_f"], v["y_f"]
     return Views(**v)
+
+
+@torch.no_grad()
+def recalibrate_batchnorm(model: nn.Module, sources: list[Arrays], size: int, aug: AugmentConfig, rt: Runtime,
+                          seed: int, batch: int = 16, max_images: int = 512) -> int:
+    """Re-estimate BatchNorm's running statistics on weak views of the training images.
+
+    During training the U-Net's running statistics follow batches that are half labeled weak views
+    and half intermediate samples, whose strong views scale brightness and contrast by up to 20x;
+    test images are neither, so the running statistics used at evaluation match neither half.
+    Here they are reset and set to the plain average over weak views of (at most ``max_images``)
+    training images, labeled and unlabeled, as "precise BatchNorm" does. Returns the image count.
+    """
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if not norms:
+        return 0
+    g = torch.Generator().manual_seed(seed * 7_919 - 1)
+    total = sum(len(a) for a in sources)
+    keep = torch.randperm(total, generator=g)[:max_images].sort().values
+    was_training, momenta = model.training, [m.momentum for m in norms]
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative average over the batches below
+    model.train()
+    offset, count = 0, 0
+    for arrays in sources:
+        idx = keep[(keep >= offset) & (keep < offset + len(arrays))] - offset
+        offset += len(arrays)
+        for chunk in idx.split(batch):
+            if len(chunk) < 2:  # a batch of one has no batch variance
+                continue
+            x, _ = warp(*arrays.take(chunk, size, rt.device), weak_grid(len(chunk), size, aug, g))
+            with rt.autocast():
+                model(x)
+            count += len(chunk)
+    for m, momentum in zip(norms, momenta):
+        m.momentum = momentum
+    model.train(was_training)
+    return count
 
 
 # ----------------------------------------------------------------------------- models
@@ -333,6 +396,8 @@ def train(cfg: TrainConfig, out: Path, resume: bool = False, progress: bool = Tr
     if rt.master:
         write_split(out, labeled_cases, unlabeled_cases)
         (out / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+        with (out / "environment.jsonl").open("a") as fh:  # one line per start or resume
+            fh.write(json.dumps({"resumed": resume, **environment(rt)}) + "\n")
 
     kinds = models_of(cfg.method)
     models = build_models(cfg, index, rt)
@@ -446,6 +511,9 @@ def train(cfg: TrainConfig, out: Path, resume: bool = False, progress: bool = Tr
 
     summary = None
     if rt.master:
+        if cfg.recalibrate_bn and "unet" in models:
+            n = recalibrate_batchnorm(unwrap(models["unet"]), [labeled, unlabeled], sizes["unet"], aug, rt, seed)
+            say(f"U-Net BatchNorm statistics re-estimated on weak views of {n} training images")
         save_student_weights(students, out, cfg)
         results = evaluate_students({k: unwrap(m) for k, m in students.items()}, index, cfg, rt.device,
                                     rt.autocast, progress=progress)

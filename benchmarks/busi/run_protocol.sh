@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# SynFoC and its baselines on the complete real BUSI set under the CPU protocol of
+# benchmarks/busi/RESULTS.md: 1,000 iterations, LiteMedSAM at 128 + U-Net width 16 at 128, batch
+# 2+2, 64 labels (1/8), both labeled domains, three seeds, the paper's hyperparameters otherwise.
+#
+# Usage: bash benchmarks/busi/run_protocol.sh [SEEDS] [DOMAINS]     (defaults: "1337 1338 1339", "benign malignant")
+# Runs go to runs/busi/<method>/<domain>/seed<N>/ (the layout of `synfoc sweep --seeds`); after each
+# run its small files (summary.json, config.yaml, history.jsonl, environment.jsonl, per_case.csv,
+# labeled.txt) are copied to benchmarks/results/busi/ with the same layout, to be committed. A
+# finished run is skipped and an interrupted one resumes, so the script can be stopped and started
+# again across sessions. To keep the code fixed while the tree changes, run it with
+# PYTHONPATH=<a worktree at a fixed commit> (environment.jsonl records the commit).
+set -u
+DATA=${BUSI:-../shared/data/busi}
+SEEDS=${1:-1337 1338 1339}
+DOMAINS=${2:-benign malignant}
+RUNS=runs/busi
+KEEP=benchmarks/results/busi
+COMMON=(--preset busi --dataset "$DATA" --labeled-ratio 0.125 --iters 1000 --unet-size 128 --unet-width 16
+        --foundation litemedsam --image-size 128 --batch-labeled 2 --batch-unlabeled 2 --no-progress)
+for SEED in $SEEDS; do
+  for DOMAIN in $DOMAINS; do
+    for METHOD in suponly-unet base-unet samed base-foundation synfoc; do
+      RUN=$RUNS/$METHOD/$DOMAIN/seed$SEED
+      DEST=$KEEP/$METHOD/$DOMAIN/seed$SEED
+      if [ -f "$DEST/summary.json" ]; then echo "$METHOD $DOMAIN seed $SEED: done"; continue; fi
+      mkdir -p "$RUN"
+      START=$(date +%s)
+      if [ -f "$RUN/checkpoint.pt" ]; then
+        python -m synfoc train --resume "$RUN" --no-progress >> "$RUN.log" 2>&1
+      else
+        python -m synfoc train "${COMMON[@]}" --labeled-domain "$DOMAIN" --seed "$SEED" --method "$METHOD" --out "$RUN" > "$RUN.log" 2>&1
+      fi
+      CODE=$?
+      echo "$METHOD $DOMAIN seed $SEED: exit $CODE after $(( $(date +%s) - START )) s" | tee -a "$RUNS/walltimes.txt"
+      if [ $CODE -eq 0 ]; then
+        mkdir -p "$DEST"
+        cp "$RUN"/{summary.json,config.yaml,history.jsonl,environment.jsonl,per_case.csv,labeled.txt} "$DEST"/
+      fi
+    done
+  done
+done
