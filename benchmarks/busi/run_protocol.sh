@@ -8,8 +8,8 @@
 # run its small files (summary.json, config.yaml, history.jsonl, environment.jsonl, per_case.csv,
 # labeled.txt) are copied to benchmarks/results/busi/ with the same layout, to be committed. A
 # finished run is skipped and an interrupted one resumes, so the script can be stopped and started
-# again across sessions. To keep the code fixed while the tree changes, run it with
-# PYTHONPATH=<a worktree at a fixed commit> (environment.jsonl records the commit).
+# again across sessions. To keep the code fixed while the tree changes, run it with a python
+# that imports synfoc from a worktree at a fixed commit (PY=...; environment.jsonl records the commit).
 set -u
 DATA=${BUSI:-../shared/data/busi}
 SEEDS=${1:-1337 1338 1339}
@@ -27,9 +27,9 @@ for SEED in $SEEDS; do
       mkdir -p "$RUN"
       START=$(date +%s)
       if [ -f "$RUN/checkpoint.pt" ]; then
-        python -m synfoc train --resume "$RUN" --no-progress >> "$RUN.log" 2>&1
+        "${PY:-python}" -m synfoc train --resume "$RUN" --no-progress >> "$RUN.log" 2>&1
       else
-        python -m synfoc train "${COMMON[@]}" --labeled-domain "$DOMAIN" --seed "$SEED" --method "$METHOD" --out "$RUN" > "$RUN.log" 2>&1
+        "${PY:-python}" -m synfoc train "${COMMON[@]}" --labeled-domain "$DOMAIN" --seed "$SEED" --method "$METHOD" --out "$RUN" > "$RUN.log" 2>&1
       fi
       CODE=$?
       echo "$METHOD $DOMAIN seed $SEED: exit $CODE after $(( $(date +%s) - START )) s" | tee -a "$RUNS/walltimes.txt"
