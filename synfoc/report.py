@@ -20,7 +20,11 @@ import numpy as np
 
 CURVES = [("losses", ("loss", "loss_x", "loss_u", "loss_c", "loss_d")),
           ("ramp and ensemble weight", ("lambda", "alpha", "self_confidence", "mutual_confidence")),
-          ("pseudo-label Dice (hidden labels)", ("pseudo_dice_unet", "pseudo_dice_foundation", "pseudo_dice_ensemble"))]
+          ("pseudo-label Dice (hidden labels)", ("pseudo_dice_unet", "pseudo_dice_foundation", "pseudo_dice_ensemble")),
+          # alpha over the instances of each log window (10th, 50th, 90th percentile) and the phases
+          # where SMC's alpha = 1 means "both teachers see nothing" (Dice of two empty maps is 1)
+          ("alpha over instances; empty teachers", ("alpha_p10", "alpha_p50", "alpha_p90", "teachers_both_empty",
+                                                    "confident_foreground"))]
 
 # The paper's Fig. 6: confidences and alpha dashed, pseudo-label quality solid, on one axis.
 FIG6_DASHED = ("self_confidence", "mutual_confidence", "alpha")

@@ -32,7 +32,7 @@ from synfoc.config import TrainConfig
 from synfoc.data.base import DataError, DatasetIndex
 from synfoc.method.baselines import SingleModel, models_of
 from synfoc.method.ema import ema_update, make_teacher
-from synfoc.method.synfoc import SynFoC, Views
+from synfoc.method.synfoc import INSTANCES, SynFoC, Views
 
 CHECKPOINT = "checkpoint.pt"
 
@@ -326,6 +326,15 @@ def unwrap(m: nn.Module) -> nn.Module:
     return m.module if isinstance(m, nn.parallel.DistributedDataParallel) else m
 
 
+def quantiles(spread: dict[str, torch.Tensor]) -> dict[str, float]:
+    """``NAME_p10``, ``NAME_p50``, ``NAME_p90`` of each per-instance log over a log window."""
+    out = {}
+    for k, v in spread.items():
+        q = torch.quantile(v, torch.tensor([0.1, 0.5, 0.9]))
+        out.update({f"{k}_p10": q[0].item(), f"{k}_p50": q[1].item(), f"{k}_p90": q[2].item()})
+    return out
+
+
 # ----------------------------------------------------------------------------- checkpoints
 def atomic_save(obj, path: Path) -> None:
     """Write to a temporary file, then rename: a crash mid-write never destroys the last good file."""
@@ -464,6 +473,7 @@ def train(cfg: TrainConfig, out: Path, resume: bool = False, progress: bool = Tr
     bar = tqdm(range(start, cfg.iters), initial=start, total=cfg.iters, disable=not (progress and rt.master),
                dynamic_ncols=True, desc="train")
     sums: dict[str, torch.Tensor] = {}
+    instances: dict[str, list[torch.Tensor]] = {}
     count = 0
     t0 = time.time()
     fault_at = int(os.environ.get("SYNFOC_FAULT_AT_STEP", -1))  # fault injection for the resume tests
@@ -481,12 +491,16 @@ def train(cfg: TrainConfig, out: Path, resume: bool = False, progress: bool = Tr
         for k in models:
             ema_update(teachers[k], unwrap(students[k]), t, cfg.ema_decay)
         for k, val in logs.items():   # accumulate on the device; read back only at log time
-            sums[k] = sums.get(k, 0) + val.detach().float()
+            if k.endswith(INSTANCES):
+                instances.setdefault(k[:-len(INSTANCES)], []).append(val.detach().float())
+            else:
+                sums[k] = sums.get(k, 0) + val.detach().float()
         count += 1
         last = t + 1 == cfg.iters
         if (t + 1) % cfg.log_every == 0 or last or (t + 1) % cfg.checkpoint_every == 0:
             means = {k: (v / count).item() for k, v in sums.items()}
-            sums, count = {}, 0
+            spread = {k: torch.cat(v).cpu() for k, v in instances.items()}
+            sums, instances, count = {}, {}, 0
             if not all(math.isfinite(v) for v in means.values()):
                 bad = ", ".join(k for k, v in means.items() if not math.isfinite(v))
                 raise TrainingError(f"non-finite loss at iteration {t + 1} ({bad}); stopping. The last good "
@@ -495,7 +509,10 @@ def train(cfg: TrainConfig, out: Path, resume: bool = False, progress: bool = Tr
                 bar.set_postfix({k: f"{means[k]:.3f}" for k in ("loss", "loss_x", "loss_u", "alpha") if k in means})
                 for k, v in means.items():
                     writer.add_scalar(f"train/{k}", v, t + 1)
-                history.write(json.dumps({"step": t + 1, "time": round(time.time() - t0, 2), **means}) + "\n")
+                for k, v in spread.items():
+                    writer.add_histogram(f"train/{k}", v, t + 1)
+                history.write(json.dumps({"step": t + 1, "time": round(time.time() - t0, 2), **means,
+                                          **quantiles(spread)}) + "\n")
                 history.flush()
             if (t + 1) % cfg.checkpoint_every == 0 or last:
                 save_checkpoint(t + 1)

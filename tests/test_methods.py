@@ -173,6 +173,25 @@ def test_alpha_strategy_sets_the_ensemble_weight(strategy, unsupervised_targets)
     target, weight = target_of(unsupervised_targets, unet, 2)
     assert torch.equal(weight, confident)
     assert torch.equal(target[confident], p_en.argmax(dim=1)[confident])
+    # the per-instance distribution, and what fraction of confident pixels is foreground
+    assert logs["alpha@instances"].tolist() == pytest.approx(expected_alpha, rel=1e-6)
+    q = p_en.argmax(dim=1)
+    assert logs["confident_foreground"].item() == pytest.approx(
+        ((q > 0) & confident).sum().item() / max(1, confident.sum().item()), rel=1e-6)
+    # TEACHER_MS's second instance is empty but TEACHER_UT's is not: no instance has both empty
+    assert logs["teachers_both_empty"].item() == 0
+
+
+def test_both_teachers_empty_gives_alpha_one_and_is_logged():
+    """Dice(empty, empty) = 1 (the reference's rule): SMC's alpha is 1 where both teachers see no
+    foreground, and the log says how often that happened."""
+    empty = masks((0, 0, 0, 0), (0, 0, 0, 0))
+    unet = PatternModel(empty, 3.0)
+    model = SynFoC(unet, PatternModel(STUDENT_MS, 3.0), PatternModel(empty, 10.0),
+                   PatternModel(masks((0, 0, 0, 0), (0, 8, 0, 8)), 10.0), [(1,)], alpha="smc", consistency="none")
+    _, logs = model.step(blank_views(), T, TOTAL)
+    assert logs["alpha@instances"].tolist() == pytest.approx([1.0, instance_dice(empty[1:], masks((0, 8, 0, 8)))[0]])
+    assert logs["teachers_both_empty"].item() == 0.5
 
 
 def test_cps_each_model_learns_only_from_the_others_pseudo_label(unsupervised_targets):

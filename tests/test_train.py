@@ -49,6 +49,11 @@ def test_end_to_end_tiny_synfoc(tmp_path):
     assert list((out / "tensorboard").iterdir())
     history = [json.loads(l) for l in (out / "history.jsonl").read_text().splitlines()]
     assert {"alpha", "self_confidence", "mutual_confidence", "lambda", "pseudo_dice_ensemble"} <= set(history[-1])
+    last = history[-1]
+    assert last["alpha_p10"] <= last["alpha_p50"] <= last["alpha_p90"]
+    assert {"confident_foreground", "teachers_both_empty"} <= set(last)
+    env = json.loads((out / "environment.jsonl").read_text().splitlines()[0])
+    assert env["torch"] == torch.__version__ and env["device"] == "cpu" and env["resumed"] is False
     assert (out / "labeled.txt").read_text().split() == ["siteA/siteA_train_000", "siteA/siteA_train_001"]
 
 
@@ -180,3 +185,31 @@ def test_freed_memory_is_reused_without_page_faults():
     # Mostly 0; now and then the heap grows by a few blocks instead (fragmentation: seen up to 3).
     assert kept_faults < 0.5 * system_faults
     assert kept_released > 48 * 2**20              # release_freed_memory hands the kept block back
+
+
+def test_batchnorm_recalibration_is_the_average_over_training_views():
+    """After recalibration the first BatchNorm's running mean is the mean of its input over the
+    training images (an independent forward of the first convolution), whatever it was before."""
+    from synfoc.augment import AugmentConfig
+    from synfoc.models import build_unet
+    from synfoc.train import Arrays, Runtime, recalibrate_batchnorm
+
+    torch.manual_seed(0)
+    net = build_unet(1, 2, 4)
+    first_bn = next(m for m in net.modules() if isinstance(m, torch.nn.BatchNorm2d))
+    first_bn.running_mean.fill_(5.0)   # stale statistics, as after training on strong views
+    imgs = torch.randint(0, 256, (32, 1, 32, 32), dtype=torch.uint8)
+    arrays = [Arrays({32: imgs[:12]}, {32: torch.zeros(12, 32, 32, dtype=torch.uint8)}),
+              Arrays({32: imgs[12:]}, {32: torch.zeros(20, 32, 32, dtype=torch.uint8)})]
+    rt = Runtime(torch.device("cpu"), None)
+    no_geometry = AugmentConfig(p=0.0)   # weak views = the images themselves
+    n = recalibrate_batchnorm(net, arrays, 32, no_geometry, rt, seed=0, batch=4)
+    assert n == 32
+    conv = next(m for m in net.modules() if isinstance(m, torch.nn.Conv2d))
+    with torch.no_grad():
+        feats = conv(imgs.float() / 255)
+    torch.testing.assert_close(first_bn.running_mean, feats.mean(dim=(0, 2, 3)), rtol=1e-4, atol=1e-5)
+    # every batch has 4 images, so the average of their unbiased variances is the expected value
+    per_batch = torch.stack([f.var(dim=(0, 2, 3), unbiased=True) for f in feats.split(4)])
+    torch.testing.assert_close(first_bn.running_var, per_batch.mean(dim=0), rtol=1e-4, atol=1e-5)
+    assert first_bn.momentum == 0.1 and net.training   # momentum and mode restored

@@ -14,8 +14,8 @@ from torch import nn
 
 from synfoc.augment import intermediate_sample
 from synfoc.method.losses import ce_dice_loss, cross_entropy
-from synfoc.method.synfoc import (Views, frozen_batchnorm_stats, probs_of, pseudo_label, ramp_weight,
-                                  resize_labels)
+from synfoc.method.synfoc import (Views, confident_foreground, frozen_batchnorm_stats, probs_of, pseudo_label,
+                                  ramp_weight, resize_labels)
 from synfoc.models.unet import independent_batches
 
 METHODS = ("synfoc", "base-unet", "base-foundation", "suponly-unet", "suponly-foundation", "samed", "fixmatch")
@@ -83,5 +83,6 @@ class SingleModel(nn.Module):
         lam = ramp_weight(t, total)
         loss = loss_x + lam * loss_u
         logs = {"loss": loss.detach(), "loss_x": loss_x.detach(), "loss_u": loss_u.detach(),
-                "lambda": torch.tensor(lam), "confident_fraction": w.float().mean()}
+                "lambda": torch.tensor(lam), "confident_fraction": w.float().mean(),
+                "confident_foreground": confident_foreground(q, w)}
         return loss, logs

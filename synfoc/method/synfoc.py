@@ -75,6 +75,19 @@ def pseudo_label(p: torch.Tensor, threshold: float) -> tuple[torch.Tensor, torch
     return q, conf > threshold
 
 
+INSTANCES = "@instances"  # a log entry of one value per instance (a distribution, not a mean)
+
+
+def confident_foreground(q: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """Fraction of the confident pseudo-label pixels that are foreground (0 when none is confident)."""
+    return ((q > 0) & w).sum() / w.sum().clamp(min=1)
+
+
+def empty_prediction(q: torch.Tensor) -> torch.Tensor:
+    """Per instance: the label map has no foreground pixel."""
+    return ~(q > 0).flatten(1).any(dim=1)
+
+
 def consensus_mask(p_ut: torch.Tensor, p_ms: torch.Tensor) -> torch.Tensor:
     """Eq. (8): M_c = 1(argmax P^UT == argmax P^MS); M_d = 1 - M_c."""
     return labels_of(p_ut) == labels_of(p_ms)
@@ -217,7 +230,11 @@ class SynFoC(nn.Module):
         logs = {"loss": loss.detach(), "loss_x": loss_x.detach(), "loss_u": loss_u.detach(),
                 "loss_c": loss_c.detach(), "loss_d": loss_d.detach(), "lambda": torch.tensor(lam),
                 "alpha": alpha_ut.mean(), "self_confidence": self_conf.mean(),
-                "mutual_confidence": mutual_conf.mean(), "confident_fraction": w_en_ut.float().mean()}
+                "mutual_confidence": mutual_conf.mean(), "confident_fraction": w_en_ut.float().mean(),
+                "confident_foreground": confident_foreground(q_en_ut, w_en_ut),
+                # Dice(empty, empty) = 1: where both teachers see no foreground, SMC gives alpha 1
+                "teachers_both_empty": (empty_prediction(q_ut_hat) & empty_prediction(q_ms_hat)).float().mean(),
+                "alpha" + INSTANCES: alpha_ut.flatten().detach()}
         if v.unlabeled_truth is not None:  # monitoring only: pseudo-label quality (Fig. 6)
             truth = v.unlabeled_truth
             logs["pseudo_dice_unet"] = part_dice(q_ut_hat, truth, self.parts).mean()
