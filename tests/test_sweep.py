@@ -1,11 +1,13 @@
-"""`synfoc sweep`: runs per (method, labeled domain), the paper-style tables, resuming.
+"""`synfoc sweep`: runs per (method, labeled domain[, seed]), the paper-style tables, resuming.
 
-One tiny sweep (BUSI layout generated here, 2 iterations, tiny models) is shared by the tests of
-this module; each later test works on its own copy where it changes run folders.
+Two tiny sweeps (BUSI layout generated here, 2 iterations, tiny models) are shared by the tests of
+this module, one with one seed and one with two; each later test works on its own copy where it
+changes run folders.
 """
 
 from __future__ import annotations
 
+import csv
 import json
 import shutil
 from pathlib import Path
@@ -17,7 +19,8 @@ from PIL import Image
 
 from synfoc.cli import main as cli_main
 from synfoc.config import TrainConfig
-from synfoc.sweep import Variant, main_table, parse_variants, read_summary
+from synfoc.sweep import (Variant, main_table, paired_differences, parse_seeds, parse_variants, read_summary,
+                          sweep_markdown)
 
 METHODS = "synfoc,suponly-unet,base-foundation"
 TINY = ["--iters", "2", "--unet-size", "32", "--unet-width", "4", "--image-size", "32",
@@ -51,17 +54,20 @@ def sweep(dataset: Path, out: Path, *extra: str) -> int:
 def snapshot(out: Path) -> dict[str, int]:
     """mtime (ns) of every file in the run folders."""
     return {str(p.relative_to(out)): p.stat().st_mtime_ns for p in sorted(out.rglob("*"))
-            if p.is_file() and p.name != "sweep.md"}
+            if p.is_file() and p.name not in ("sweep.md", "sweep_seeds.csv")}
 
 
 @pytest.fixture(scope="module")
-def swept(tmp_path_factory):
+def busi(tmp_path_factory):
     torch.set_num_threads(1)
-    root = tmp_path_factory.mktemp("sweep")
-    dataset = make_tiny_busi(root / "data")
-    out = root / "out"
-    assert sweep(dataset, out) == 0
-    return dataset, out
+    return make_tiny_busi(tmp_path_factory.mktemp("busi"))
+
+
+@pytest.fixture(scope="module")
+def swept(busi, tmp_path_factory):
+    out = tmp_path_factory.mktemp("sweep") / "out"
+    assert sweep(busi, out) == 0
+    return busi, out
 
 
 def table_rows(text: str) -> dict[str, list[str]]:
@@ -101,6 +107,31 @@ def test_sweep_folders_and_table(swept):
         expected += [100 * (means[0]["jaccard"] + means[1]["jaccard"]) / 2,
                      (means[0]["hd95"] + means[1]["hd95"]) / 2, (means[0]["asd"] + means[1]["asd"]) / 2]
         assert [float(c) for c in rows[label]] == pytest.approx(expected, abs=0.006), label
+    assert "±" not in text and "SynFoC minus baseline" not in text
+    # One seed: the CSV still lists every run (seed 1337, the preset's) as its summary.json has it.
+    assert csv_rows(out) == expected_csv_rows(out, {m: [None] for m in METHODS.split(",")}, 1337)
+
+
+def csv_rows(out: Path) -> set[tuple]:
+    with open(out / "sweep_seeds.csv", newline="") as f:
+        return {(r["variant"], r["student"], r["labeled_domain"], int(r["seed"]), r["test_domain"],
+                 *(float(r[m]) for m in ("dice", "jaccard", "hd95", "asd"))) for r in csv.DictReader(f)}
+
+
+def expected_csv_rows(out: Path, folders: dict[str, list], seed: int | None = None) -> set[tuple]:
+    """The CSV as it should be, read from each run's summary.json: folders maps a method to its
+    seeds (None: the one-seed layout, whose seed is ``seed``)."""
+    rows = set()
+    for method, seeds in folders.items():
+        for domain in ("benign", "malignant"):
+            for sd in seeds:
+                run = out / method / domain / (f"seed{sd}" if sd is not None else "")
+                summary = json.loads((run / "summary.json").read_text())
+                for student, res in summary["students"].items():
+                    for test, m in [*res["per_domain"].items(), ("mean", res["mean"])]:
+                        rows.add((method, student, domain, sd if sd is not None else seed, test,
+                                  m["dice"], m["jaccard"], m["hd95"], m["asd"]))
+    return rows
 
 
 def test_second_invocation_redoes_nothing(swept, capsys):
@@ -170,6 +201,149 @@ def test_unknown_labeled_domain_is_refused_before_training(swept, tmp_path, caps
     assert not (tmp_path / "o").exists()
 
 
+# ----------------------------------------------------------------------------- several seeds
+SEEDS = [11, 12]
+SEEDED_METHODS = "synfoc,suponly-unet"
+DOMAINS = ("benign", "malignant")
+
+
+@pytest.fixture(scope="module")
+def seeded(busi, tmp_path_factory):
+    """2 methods x 2 labeled domains x 2 seeds (--seed 11 --seeds 2), 2 iterations each."""
+    out = tmp_path_factory.mktemp("seeded") / "out"
+    assert sweep(busi, out, "--methods", SEEDED_METHODS, "--seed", "11", "--seeds", "2") == 0
+    return busi, out
+
+
+def summary_of(out: Path, method: str, domain: str, seed: int) -> dict:
+    return json.loads((out / method / domain / f"seed{seed}" / "summary.json").read_text())
+
+
+def mean_std(cell: str) -> tuple[float, float]:
+    mean, std = cell.rstrip("*").split(" ± ")
+    return float(mean), float(std)
+
+
+def section(text: str, title: str) -> list[list[str]]:
+    """The rows (cells) of the table under ``## title``, without its header."""
+    body = text.split(f"## {title}", 1)[1].split("\n## ", 1)[0]
+    lines = [line for line in body.splitlines() if line.startswith("| ")]
+    return [[c.strip() for c in line.strip("|").split("|")] for line in lines[1:]]
+
+
+def test_seeds_layout_and_csv(seeded):
+    _, out = seeded
+    for method in SEEDED_METHODS.split(","):
+        for domain in DOMAINS:
+            assert not (out / method / domain / "summary.json").exists()     # runs live in seed<N>/ only
+            assert sorted(p.name for p in (out / method / domain).iterdir()) == ["seed11", "seed12"]
+            for seed in SEEDS:
+                summary = summary_of(out, method, domain, seed)
+                assert (summary["method"], summary["labeled_domain"]) == (method, domain)
+                config = (out / method / domain / f"seed{seed}" / "config.yaml").read_text()
+                assert f"\nseed: {seed}\n" in config
+    rows = csv_rows(out)
+    assert rows == expected_csv_rows(out, {m: SEEDS for m in SEEDED_METHODS.split(",")})
+    # synfoc: 2 students, suponly-unet: 1; each 2 test domains + mean, per run
+    assert len(rows) == (2 + 1) * 2 * 2 * 3
+
+
+def test_seeds_cells_are_mean_and_sample_std(seeded):
+    _, out = seeded
+    text = (out / "sweep.md").read_text()
+    assert "seeds 11, 12 (one run each)" in text and "8 of 8 runs finished" in text
+    rows = {r[0]: r[1:] for r in section(text, "DSC by labeled domain")}
+    assert set(rows) == {"SynFoC_U-Net", "SynFoC_LiteMedSAM", "SupOnly_U-Net"}
+    for label, method, student in [("SynFoC_U-Net", "synfoc", "unet"), ("SynFoC_LiteMedSAM", "synfoc", "foundation"),
+                                   ("SupOnly_U-Net", "suponly-unet", "unet")]:
+        # m[metric][seed, domain], straight from summary.json
+        m = {k: np.array([[summary_of(out, method, d, s)["students"][student]["mean"][k] for d in DOMAINS]
+                          for s in SEEDS]) for k in ("dice", "jaccard", "hd95", "asd")}
+        cells = [mean_std(c) for c in rows[label]]
+        for i in range(len(DOMAINS)):
+            assert cells[i] == pytest.approx((100 * m["dice"][:, i].mean(), 100 * m["dice"][:, i].std(ddof=1)),
+                                             abs=0.006), (label, DOMAINS[i])
+        # averages: mean and std over seeds of each seed's average over the labeled domains
+        for j, (k, scale) in enumerate([("dice", 100), ("jaccard", 100), ("hd95", 1), ("asd", 1)]):
+            per_seed = scale * m[k].mean(axis=1)
+            assert cells[2 + j] == pytest.approx((per_seed.mean(), per_seed.std(ddof=1)), abs=0.006), (label, k)
+    # The per-run table shows each test domain's DSC the same way.
+    runs = {(r[0], r[1]): r[2:] for r in section(text, "Runs (DSC on each test domain)")}
+    got = mean_std(runs[("SupOnly_U-Net", "malignant")][0])            # test benign
+    dice = np.array([summary_of(out, "suponly-unet", "malignant", s)["students"]["unet"]["per_domain"]["benign"]["dice"]
+                     for s in SEEDS])
+    assert got == pytest.approx((100 * dice.mean(), 100 * dice.std(ddof=1)), abs=0.006)
+
+
+def test_seeds_paired_differences(seeded):
+    _, out = seeded
+    rows = section((out / "sweep.md").read_text(), "SynFoC minus baseline")
+    assert [(r[0], r[1], r[2]) for r in rows] == [("SynFoC_U-Net", "SupOnly_U-Net", d) for d in (*DOMAINS, "Avg")]
+    diff = {d: np.array([100 * (summary_of(out, "synfoc", d, s)["students"]["unet"]["mean"]["dice"]
+                                - summary_of(out, "suponly-unet", d, s)["students"]["unet"]["mean"]["dice"])
+                         for s in SEEDS]) for d in DOMAINS}
+    diff["Avg"] = (diff["benign"] + diff["malignant"]) / 2
+    for row in rows:
+        d = diff[row[2]]
+        pairs, mean, std, span, positive = row[3:]
+        assert pairs == "2/2"
+        assert float(mean) == pytest.approx(d.mean(), abs=0.006)
+        assert float(std) == pytest.approx(d.std(ddof=1), abs=0.006)
+        low, high = (float(x) for x in span.split(" .. "))
+        assert (low, high) == pytest.approx((d.min(), d.max()), abs=0.006)
+        assert positive == f"{int((d > 0).sum())}/2"
+
+
+def test_seeds_share_the_labeled_split_but_not_the_training(seeded):
+    _, out = seeded
+    for method in SEEDED_METHODS.split(","):
+        for domain in DOMAINS:
+            a, b = (out / method / domain / f"seed{s}" for s in SEEDS)
+            for name in ("labeled.txt", "unlabeled.txt"):
+                assert (a / name).read_text() == (b / name).read_text(), (method, domain, name)
+            assert (a / "labeled.txt").read_text().splitlines() == [f"{domain}/{domain} (1)", f"{domain}/{domain} (10)"]
+            losses = [json.loads((r / "history.jsonl").read_text().splitlines()[-1])["loss"] for r in (a, b)]
+            assert losses[0] != losses[1], (method, domain)
+
+
+def test_tables_only_rebuilds_the_same_tables_without_training(seeded, tmp_path, capsys):
+    dataset, original = seeded
+    out = tmp_path / "out"
+    shutil.copytree(original, out, ignore=shutil.ignore_patterns("tensorboard"))
+    (out / "sweep.md").unlink()
+    (out / "sweep_seeds.csv").unlink()
+    before = snapshot(out)
+    capsys.readouterr()
+    args = ("--methods", SEEDED_METHODS, "--seed", "11", "--seeds", "11,12", "--tables-only")
+    assert sweep(dataset, out, *args) == 0
+    assert "training in" not in capsys.readouterr().out
+    assert snapshot(out) == before
+    assert (out / "sweep.md").read_text() == (original / "sweep.md").read_text()
+    assert (out / "sweep_seeds.csv").read_text() == (original / "sweep_seeds.csv").read_text()
+    # A run without its summary (interrupted) drops out of its cell, its pairs and the CSV.
+    (out / "suponly-unet" / "malignant" / "seed12" / "summary.json").unlink()
+    assert sweep(dataset, out, *args) == 0
+    text = (out / "sweep.md").read_text()
+    assert "7 of 8 runs finished" in text
+    supervised = next(r for r in section(text, "DSC by labeled domain") if r[0] == "SupOnly_U-Net")
+    only = summary_of(out, "suponly-unet", "malignant", 11)["students"]["unet"]["mean"]["dice"]
+    assert supervised[2] == f"{100 * only:.2f}*"                       # one seed left: no std, marked partial
+    assert all(c.endswith("*") for c in supervised[3:])
+    pairs = {r[2]: r[3] for r in section(text, "SynFoC minus baseline")}
+    assert pairs == {"benign": "2/2", "malignant": "1/2", "Avg": "1/2"}
+    assert not any(r[1:4] == ("unet", "malignant", 12) for r in csv_rows(out) if r[0] == "suponly-unet")
+
+
+def test_multi_seed_sweep_names_one_seed_runs_it_does_not_count(swept, tmp_path, capsys):
+    dataset, original = swept
+    out = tmp_path / "out"
+    shutil.copytree(original, out, ignore=shutil.ignore_patterns("tensorboard"))
+    capsys.readouterr()
+    assert sweep(dataset, out, "--methods", "suponly-unet", "--seeds", "2", "--tables-only") == 0
+    printed = capsys.readouterr().out
+    assert printed.count("holds a one-seed run") == 2 and "0 done" in printed
+
+
 # ----------------------------------------------------------------------------- no training needed
 def test_parse_variants_options_and_cross_product():
     assert parse_variants("synfoc") == [Variant("synfoc")]
@@ -191,15 +365,13 @@ def test_table_with_a_missing_run_marks_partial_average():
         mean = {"dice": dice, "jaccard": dice / 2, "hd95": 10 * dice, "asd": dice}
         return {"students": {"unet": {"mean": mean, "per_domain": {}}}}
     v = Variant("suponly-unet")
-    text = main_table([v], ["A", "B", "C"], {(v, "A"): summary(0.5), (v, "C"): summary(0.7)}, "litemedsam")
+    text = main_table([v], ["A", "B", "C"], {(v, "A", 0): summary(0.5), (v, "C", 0): summary(0.7)}, "litemedsam")
     row = text.splitlines()[2]
     cells = [c.strip() for c in row.strip("|").split("|")]
     assert cells == ["SupOnly_U-Net", "50.00", "-", "70.00", "60.00*", "30.00*", "6.00*", "0.60*"]
 
 
 def test_multi_part_dataset_gets_a_per_part_table():
-    from synfoc.sweep import sweep_markdown
-
     def summary(cup, disc):   # two test domains; the run's mean = mean over domains of mean over parts
         per = {d: {"dice": (c + k) / 2, "jaccard": 0.5, "hd95": 1.0, "asd": 1.0,
                    "classes": {"cup": {"dice": c}, "disc": {"dice": k}}} for d, c, k in zip("XY", cup, disc)}
@@ -207,8 +379,8 @@ def test_multi_part_dataset_gets_a_per_part_table():
             "dice": sum(p["dice"] for p in per.values()) / 2, "jaccard": 0.5, "hd95": 1.0, "asd": 1.0}}
             for s in ("unet", "foundation")}}
     v = Variant("synfoc")
-    text = sweep_markdown([v], ["X", "Y"], {(v, "X"): summary([0.6, 0.8], [0.9, 0.7]),
-                                            (v, "Y"): summary([0.5, 0.5], [1.0, 0.8])},
+    text = sweep_markdown([v], ["X", "Y"], {(v, "X", 1): summary([0.6, 0.8], [0.9, 0.7]),
+                                            (v, "Y", 1): summary([0.5, 0.5], [1.0, 0.8])},
                           TrainConfig(foundation="medsam_vit_b"), "fundus")
     assert "## DSC per part (cup / disc) by labeled domain" in text
     part_table = text.split("## DSC per part", 1)[1].split("\n## ", 1)[0]
@@ -230,3 +402,48 @@ def test_labeled_num_replaces_the_presets_ratio(tmp_path):
     assert (cfg.labeled_num, cfg.labeled_ratio, cfg.format) == (3, None, "busi")
     args = p.parse_args(["--preset", "fundus", "--dataset", str(tmp_path), "--out", "o", "--labeled-ratio", "0.25"])
     assert (base_config(args).labeled_num, base_config(args).labeled_ratio) == (None, 0.25)
+
+
+def test_parse_seeds_count_and_list():
+    assert parse_seeds(None, 1337) == [1337]
+    assert parse_seeds("3", 1337) == [1337, 1338, 1339]
+    assert parse_seeds("1337,1338,2024", 5) == [1337, 1338, 2024]
+    assert parse_seeds("2024,", 5) == [2024]
+    for bad in ("0", "2024", "1,1", "a", "-1,2", ""):
+        with pytest.raises(ValueError, match="--seeds"):
+            parse_seeds(bad, 5)
+
+
+def test_paired_differences_only_where_both_runs_exist():
+    def summary(unet=None, foundation=None):
+        students = {k: {"mean": {"dice": v, "jaccard": v, "hd95": 1.0, "asd": 1.0}, "per_domain": {}}
+                    for k, v in (("unet", unet), ("foundation", foundation)) if v is not None}
+        return {"students": students}
+    ours, base_u, samed, base_f = (Variant("synfoc"), Variant("base-unet"), Variant("samed"),
+                                   Variant("base-foundation"))
+    variants = [ours, base_u, samed, Variant("synfoc", "constant", "none"), base_f]
+    summaries = {
+        (ours, "A", 1): summary(0.6, 0.8), (ours, "B", 1): summary(0.5, 0.7),
+        (ours, "A", 2): summary(0.7, 0.9), (ours, "B", 2): None,
+        (base_u, "A", 1): summary(0.5), (base_u, "B", 1): summary(0.6),
+        (base_u, "A", 2): summary(0.4), (base_u, "B", 2): summary(0.4),
+        (samed, "A", 1): summary(foundation=0.75), (samed, "B", 1): summary(foundation=0.6),
+        (samed, "A", 2): summary(foundation=0.95), (samed, "B", 2): summary(foundation=0.1),
+    }
+    got = {(d.synfoc.folder, d.baseline.folder, d.student, d.labeled): d.diffs
+           for d in paired_differences(variants, ["A", "B"], summaries, [1, 2])}
+    # every SynFoC variant against each baseline of its student's kind, nothing else
+    assert {k[:3] for k in got} == {(s, b, st) for s in ("synfoc", "synfoc-constant-none")
+                                   for b, st in (("base-unet", "unet"), ("samed", "foundation"),
+                                                 ("base-foundation", "foundation"))}
+    assert got[("synfoc", "base-unet", "unet", "A")] == pytest.approx({1: 10.0, 2: 30.0})
+    assert got[("synfoc", "base-unet", "unet", "B")] == pytest.approx({1: -10.0})      # seed 2: SynFoC missing
+    assert got[("synfoc", "base-unet", "unet", "Avg")] == pytest.approx({1: 0.0})      # seed 1 only is complete
+    assert got[("synfoc", "samed", "foundation", "A")] == pytest.approx({1: 5.0, 2: -5.0})
+    assert got[("synfoc", "base-foundation", "foundation", "Avg")] == {}              # no base-foundation runs
+    text = sweep_markdown(variants, ["A", "B"], summaries, TrainConfig(), None, seeds=[1, 2])
+    rows = {(r[0], r[1], r[2]): r[3:] for r in section(text, "SynFoC minus baseline")}
+    assert rows[("SynFoC_U-Net", "Base_U-Net", "A")] == ["2/2", "+20.00", "14.14", "+10.00 .. +30.00", "2/2"]
+    assert rows[("SynFoC_LiteMedSAM", "SAMed_LiteMedSAM", "A")] == ["2/2", "+0.00", "7.07", "-5.00 .. +5.00", "1/2"]
+    assert rows[("SynFoC_U-Net", "Base_U-Net", "Avg")] == ["1/2", "+0.00", "-", "+0.00 .. +0.00", "0/1"]
+    assert rows[("SynFoC_LiteMedSAM", "Base_LiteMedSAM", "Avg")] == ["0/2", "-", "-", "-", "-"]
