@@ -78,6 +78,21 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("path")
     c.add_argument("--format", default="auto", choices=["auto", "fundus", "prostate", "mnms", "busi", "folder"])
     c.add_argument("--json", action="store_true")
+    c = dsub.add_parser("preview", help="draw what the models train on (weak, strong and intermediate views) as a PNG")
+    c.add_argument("path", help="dataset folder, or 'synthetic'")
+    c.add_argument("--out", required=True, help="the PNG file to write")
+    c.add_argument("--cases", type=int, default=4, help="labeled/unlabeled pairs to draw (default 4)")
+    c.add_argument("--preset", choices=PRESETS, help="the paper's settings for a dataset (sizes, augmentation)")
+    c.add_argument("--config", help="a YAML file of settings (overrides the preset)")
+    c.add_argument("--format", choices=["auto", "fundus", "prostate", "mnms", "busi", "folder"])
+    c.add_argument("--labeled-domain")
+    g = c.add_mutually_exclusive_group()
+    g.add_argument("--labeled-num", type=int)
+    g.add_argument("--labeled-ratio", type=float)
+    c.add_argument("--foundation", help="foundation model (its native input size unless --image-size)")
+    c.add_argument("--image-size", type=int, help="foundation-model input size")
+    c.add_argument("--unet-size", type=int, help="U-Net input size")
+    c.add_argument("--seed", type=int, help="seed of the augmentation draws")
 
     sub.add_parser("models", help="list the foundation models")
 
@@ -148,6 +163,9 @@ def main(argv: list[str] | None = None) -> int:
             return _evaluate(args)
         if args.command == "data":
             from synfoc.data.check import data_check_main
+            if args.data_command == "preview":
+                from synfoc.preview import preview_main
+                return preview_main(args)
             return data_check_main(args.path, args.format, as_json=args.json)
         if args.command == "models":
             return _models(args)

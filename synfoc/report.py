@@ -393,6 +393,19 @@ def _config_lines(run: Path) -> list[str]:
     return [f"{k}: {cfg[k]}" for k in keys if isinstance(cfg, dict) and cfg.get(k) is not None]
 
 
+def training_views_html(run: Path, device: str = "auto", dataset: str | None = None) -> str:
+    """Three labeled/unlabeled pairs as training draws them (weak, strong, intermediate views, at
+    both model sizes), with the final students' prediction as the pseudo-label outside the box."""
+    from synfoc.evaluate import load_run
+    from synfoc.preview import preview_png
+    cfg, index, students, _ = load_run(run, dataset=dataset, device=device)
+    png = preview_png(cfg, index, cases=3, students=students)
+    return ('<p class="note">The augmentations of the first iteration (<code>synfoc data preview</code> draws '
+            "the same before training). U_c: the labeled weak view inside the yellow box M, the strong view "
+            "outside; its label: the labeled case's inside the box, outside it the final students' "
+            "prediction standing in for the teachers' pseudo-label.</p>" + _img(png, "training views"))
+
+
 def build_html(run: Path, per_domain: int = 4, device: str = "auto", dataset: str | None = None,
                log=None) -> str:
     """The whole report page as one string (see the module docstring)."""
@@ -432,6 +445,12 @@ def build_html(run: Path, per_domain: int = 4, device: str = "auto", dataset: st
         body.append('<p class="note">No history.jsonl in the run folder.</p>')
 
     if per_domain > 0:
+        body.append("<h2>What the models train on</h2>")
+        try:
+            body.append(training_views_html(run, device=device, dataset=dataset))
+        except Exception as exc:  # the report is still useful without it
+            log(f"synfoc report: no training views ({type(exc).__name__}: {exc})")
+            body.append(f'<p class="note">No training views: {html.escape(f"{type(exc).__name__}: {exc}")}</p>')
         body.append("<h2>Test cases</h2>")
         try:
             body.append(gallery_html(run, gallery(run, per_domain, device=device, dataset=dataset)))
