@@ -9,7 +9,8 @@
 # labeled.txt) are copied to benchmarks/results/busi/ with the same layout, to be committed. A
 # finished run is skipped and an interrupted one resumes, so the script can be stopped and started
 # again across sessions. To keep the code fixed while the tree changes, run it with a python
-# that imports synfoc from a worktree at a fixed commit (PY=...; environment.jsonl records the commit).
+# that imports synfoc from a worktree at a fixed commit (PY=...; -P keeps the current folder off the
+# import path; environment.jsonl records the commit).
 set -u
 DATA=${BUSI:-../shared/data/busi}
 SEEDS=${1:-1337 1338 1339}
@@ -27,15 +28,16 @@ for SEED in $SEEDS; do
       mkdir -p "$RUN"
       START=$(date +%s)
       if [ -f "$RUN/checkpoint.pt" ]; then
-        "${PY:-python}" -m synfoc train --resume "$RUN" --no-progress >> "$RUN.log" 2>&1
+        "${PY:-python}" -P -m synfoc train --resume "$RUN" --no-progress >> "$RUN.log" 2>&1
       else
-        "${PY:-python}" -m synfoc train "${COMMON[@]}" --labeled-domain "$DOMAIN" --seed "$SEED" --method "$METHOD" --out "$RUN" > "$RUN.log" 2>&1
+        "${PY:-python}" -P -m synfoc train "${COMMON[@]}" --labeled-domain "$DOMAIN" --seed "$SEED" --method "$METHOD" --out "$RUN" > "$RUN.log" 2>&1
       fi
       CODE=$?
       echo "$METHOD $DOMAIN seed $SEED: exit $CODE after $(( $(date +%s) - START )) s" | tee -a "$RUNS/walltimes.txt"
       if [ $CODE -eq 0 ]; then
         mkdir -p "$DEST"
         cp "$RUN"/{summary.json,config.yaml,history.jsonl,environment.jsonl,per_case.csv,labeled.txt} "$DEST"/
+        "${PY:-python}" -P benchmarks/busi/tables.py "$KEEP" > /dev/null
       fi
     done
   done
