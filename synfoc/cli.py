@@ -15,13 +15,14 @@ def add_setting_options(p: argparse.ArgumentParser, dataset_required: bool = Fal
     p.add_argument("--preset", choices=PRESETS, help="the paper's settings for a dataset (YAML inside the package)")
     p.add_argument("--config", help="a YAML file of settings (overrides the preset)")
     p.add_argument("--dataset", required=dataset_required, help="dataset folder, or 'synthetic' (the embedded default)")
-    p.add_argument("--format", choices=["auto", "fundus", "prostate", "mnms", "busi", "folder"])
+    p.add_argument("--format", choices=["auto", "fundus", "prostate", "mnms", "busi", "folder"],
+                   help="dataset layout (default: auto, recognised from the folder)")
     g = p.add_mutually_exclusive_group()
     g.add_argument("--labeled-num", type=int, help="the first N sorted training cases of the labeled domain")
     g.add_argument("--labeled-ratio", type=float, help="int(ratio * all training cases) labeled cases (BUSI: 0.125, 0.25)")
-    p.add_argument("--iters", type=int)
-    p.add_argument("--batch-labeled", type=int)
-    p.add_argument("--batch-unlabeled", type=int)
+    p.add_argument("--iters", type=int, help="training iterations (>= 1; default 30000, presets set the paper's)")
+    p.add_argument("--batch-labeled", type=int, help="labeled images per iteration and process (>= 1; default 4)")
+    p.add_argument("--batch-unlabeled", type=int, help="unlabeled images per iteration and process (>= 1; default 4)")
     p.add_argument("--foundation", help="litemedsam, medsam_vit_b, sam_vit_b, sam_vit_l, sam_vit_h")
     p.add_argument("--checkpoint", help="foundation-model weights (.pth, segment_anything format)")
     p.add_argument("--image-size", type=int, help="foundation-model input size")
@@ -29,9 +30,13 @@ def add_setting_options(p: argparse.ArgumentParser, dataset_required: bool = Fal
     p.add_argument("--unet-width", type=int, help="U-Net base width (paper: 64)")
     p.add_argument("--grad-checkpointing", action="store_true", default=None,
                    help="recompute foundation-encoder activations in the backward pass (less memory)")
-    p.add_argument("--seed", type=int)
-    p.add_argument("--device", choices=["cpu", "cuda", "auto"])
-    p.add_argument("--precision", choices=["auto", "bf16", "fp32"])
+    p.add_argument("--seed", type=int, help="seed of the initialisation, data order and augmentation (default 1337)")
+    p.add_argument("--device", choices=["cpu", "cuda", "auto"], help="where to train (default auto: CUDA when available)")
+    p.add_argument("--precision", choices=["auto", "bf16", "fp32"],
+                   help="auto (default): bf16 autocast on CUDA and on CPUs with bf16 support, else fp32")
+    p.add_argument("--checkpoint-every", type=int, metavar="K",
+                   help="write checkpoint.pt every K iterations (default: about 20 per run); one is also "
+                   "written after every 10 minutes of training and on Ctrl-C")
     p.add_argument("--skip-bad", action="store_true", default=None,
                    help="train without the cases `synfoc data check` reports problems for")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -39,18 +44,27 @@ def add_setting_options(p: argparse.ArgumentParser, dataset_required: bool = Fal
 
 def _add_train_options(p: argparse.ArgumentParser) -> None:
     add_setting_options(p)
-    p.add_argument("--out", help="run folder (default: runs/<method>-<time>)")
-    p.add_argument("--labeled-domain")
+    p.add_argument("--out", help="run folder (default: runs/<method>-<time>); must not hold another run")
+    p.add_argument("--labeled-domain", help="the domain (site) whose first training cases are labeled "
+                   "(default: the dataset's first domain)")
     p.add_argument("--method", help="synfoc, base-unet, base-foundation, suponly-unet, suponly-foundation, samed, fixmatch")
-    p.add_argument("--alpha", choices=["smc", "self", "mutual", "constant", "linear", "cps"])
-    p.add_argument("--consistency", choices=["cdcr", "cr", "none"])
-    p.add_argument("--lora-rank", type=int)
-    p.add_argument("--deterministic", action="store_true", default=None)
+    p.add_argument("--alpha", choices=["smc", "self", "mutual", "constant", "linear", "cps"],
+                   help="SynFoC's per-image mixing weight of the two teachers (default smc; the rest are ablations)")
+    p.add_argument("--consistency", choices=["cdcr", "cr", "none"],
+                   help="SynFoC's consistency regulariser (default cdcr; the rest are ablations)")
+    p.add_argument("--lora-rank", type=int, help="rank of the foundation encoder's LoRA adapters (default 4; 0: none)")
+    p.add_argument("--deterministic", action="store_true", default=None,
+                   help="deterministic PyTorch kernels (slower; same results run to run on one machine)")
     p.add_argument("--compile", action="store_true", default=None, help="torch.compile the students")
     p.add_argument("--eval-every", type=int, help="also evaluate on the test sets every K iterations "
                    "and keep the best (the authors' optimistic protocol; see evaluate --select-on test)")
-    p.add_argument("--resume", metavar="RUN", help="continue the run in folder RUN from its last checkpoint")
+    p.add_argument("--resume", metavar="RUN", help="continue the run in folder RUN from its last checkpoint, "
+                   "as configured; only --iters, --dataset (the same cases, moved), --device, --precision and "
+                   "--checkpoint-every may change")
 
+
+DESCRIPTION = ("SynFoC semi-supervised medical image segmentation: train, evaluate, predict, report, "
+               "sweep, data check and preview, models. 'synfoc COMMAND --help' lists a command's options.")
 
 VERB_MODULES = [
     ("predict", "synfoc.predict", "segment new images or NIfTI volumes with a trained run"),
@@ -60,35 +74,39 @@ VERB_MODULES = [
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="synfoc", description=__doc__)
+    parser = argparse.ArgumentParser(prog="synfoc", description=DESCRIPTION)
     sub = parser.add_subparsers(dest="command", required=True)
 
     _add_train_options(sub.add_parser("train", help="train SynFoC (default: the embedded synthetic demo)"))
 
     p = sub.add_parser("evaluate", help="evaluate a run's students on every domain's test split")
-    p.add_argument("run")
-    p.add_argument("--dataset", help="dataset folder (default: the run's)")
+    p.add_argument("run", help="a run folder made by 'synfoc train --out RUN'")
+    p.add_argument("--dataset", help="where the run's dataset is now (default: as in its config.yaml); "
+                   "must hold the run's training cases")
     p.add_argument("--select-on", choices=["final", "test"], default="final",
                    help="'test': the students kept by --eval-every (selected on the test sets: optimistic)")
-    p.add_argument("--device", choices=["cpu", "cuda", "auto"], default="auto")
+    p.add_argument("--device", choices=["cpu", "cuda", "auto"], default="auto",
+                   help="where to evaluate (default auto: CUDA when available)")
 
     p = sub.add_parser("data", help="dataset tools")
     dsub = p.add_subparsers(dest="data_command", required=True)
     c = dsub.add_parser("check", help="count cases, list label values and every problem")
-    c.add_argument("path")
-    c.add_argument("--format", default="auto", choices=["auto", "fundus", "prostate", "mnms", "busi", "folder"])
-    c.add_argument("--json", action="store_true")
+    c.add_argument("path", help="the dataset folder")
+    c.add_argument("--format", default="auto", choices=["auto", "fundus", "prostate", "mnms", "busi", "folder"],
+                   help="dataset layout (default: auto, recognised from the folder)")
+    c.add_argument("--json", action="store_true", help="print the result as JSON")
     c = dsub.add_parser("preview", help="draw what the models train on (weak, strong and intermediate views) as a PNG")
     c.add_argument("path", help="dataset folder, or 'synthetic'")
     c.add_argument("--out", required=True, help="the PNG file to write")
     c.add_argument("--cases", type=int, default=4, help="labeled/unlabeled pairs to draw (default 4)")
     c.add_argument("--preset", choices=PRESETS, help="the paper's settings for a dataset (sizes, augmentation)")
     c.add_argument("--config", help="a YAML file of settings (overrides the preset)")
-    c.add_argument("--format", choices=["auto", "fundus", "prostate", "mnms", "busi", "folder"])
-    c.add_argument("--labeled-domain")
+    c.add_argument("--format", choices=["auto", "fundus", "prostate", "mnms", "busi", "folder"],
+                   help="dataset layout (default: auto, recognised from the folder)")
+    c.add_argument("--labeled-domain", help="the domain whose first training cases are labeled")
     g = c.add_mutually_exclusive_group()
-    g.add_argument("--labeled-num", type=int)
-    g.add_argument("--labeled-ratio", type=float)
+    g.add_argument("--labeled-num", type=int, help="the first N sorted training cases of the labeled domain")
+    g.add_argument("--labeled-ratio", type=float, help="int(ratio * all training cases) labeled cases")
     c.add_argument("--foundation", help="foundation model (its native input size unless --image-size)")
     c.add_argument("--image-size", type=int, help="foundation-model input size")
     c.add_argument("--unet-size", type=int, help="U-Net input size")
@@ -102,32 +120,95 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# What --resume may change: where the data is now, where and how it runs, and how long.
+RESUME_MAY_CHANGE = ("iters", "dataset", "device", "precision", "checkpoint_every")
+
+
+def absolute_paths(cfg):
+    """The dataset and weight files as absolute paths, so that a run folder works from anywhere."""
+    paths = {k: str(Path(getattr(cfg, k)).expanduser().resolve()) for k in ("dataset", "checkpoint")
+             if getattr(cfg, k) not in (None, "synthetic")}
+    return cfg.update(paths, "command line") if paths else cfg
+
+
+def check_dataset_path(cfg, where: str) -> None:
+    if cfg.dataset != "synthetic" and not Path(cfg.dataset).exists():
+        raise ValueError(f"dataset path does not exist: {cfg.dataset} ({where}; pass --dataset PATH "
+                         "to say where the data is now)" if where else f"dataset path does not exist: {cfg.dataset}")
+
+
+def prepare_out(out: Path) -> bool:
+    """Check that ``out`` can become a new run folder; True when it was created here.
+
+    Refuses a file, a folder that holds a run (finished, resumable, or started without a
+    checkpoint: its history and events would mix with the new run's) and a place that cannot
+    be written.
+    """
+    from synfoc.errors import os_error_message
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} is a file, not a folder")
+    if (out / "checkpoint.pt").exists():
+        raise ValueError(f"{out} already holds a run; use --resume {out} to continue it, or another --out")
+    leftovers = [n for n in ("config.yaml", "history.jsonl", "tensorboard", "summary.json") if (out / n).exists()]
+    if leftovers:
+        raise ValueError(f"--out {out} holds another run without a checkpoint ({', '.join(leftovers)}): "
+                         "nothing to resume there; choose another --out or delete that folder")
+    created = not out.exists()
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / ".synfoc-write-test"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as exc:
+        raise ValueError(f"--out {out}: {os_error_message(exc)}") from None
+    return created
+
+
 def _train(args) -> int:
-    from synfoc.config import resolve
-    from synfoc.train import train
+    from synfoc.config import resolve, validate
     overrides = {k: getattr(args, k) for k in (
         "dataset", "format", "labeled_domain", "labeled_num", "labeled_ratio", "method", "alpha", "consistency",
         "iters", "batch_labeled", "batch_unlabeled", "foundation", "checkpoint", "image_size", "unet_size",
         "unet_width", "lora_rank", "grad_checkpointing", "seed", "device", "precision", "deterministic", "compile",
-        "eval_every", "skip_bad")}
+        "checkpoint_every", "eval_every", "skip_bad")}
+    created = was_empty = False
     if args.resume:
         from synfoc.config import run_config
         out = Path(args.resume)
+        if args.out and Path(args.out) != out:
+            raise ValueError("--resume continues the run in its own folder; leave out --out")
         cfg = run_config(out)
-        extra = {k: v for k, v in overrides.items() if v is not None and k != "iters"}
-        if extra:
-            raise ValueError(f"--resume continues a run as configured; only --iters may change (got {', '.join(extra)})")
-        if args.iters:
-            cfg = cfg.update({"iters": args.iters}, "command line")
+        extra = [k for k, v in overrides.items() if v is not None and k not in RESUME_MAY_CHANGE]
+        if extra or args.preset or args.config:
+            given = [f"--{k.replace('_', '-')}" for k in extra] + ["--preset"] * bool(args.preset) \
+                + ["--config"] * bool(args.config)
+            raise ValueError(f"--resume continues a run as configured; only "
+                             f"{', '.join('--' + k.replace('_', '-') for k in RESUME_MAY_CHANGE)} may change "
+                             f"(got {', '.join(given)})")
+        cfg = absolute_paths(cfg.update({k: overrides[k] for k in RESUME_MAY_CHANGE if overrides[k] is not None},
+                                        "command line"))
+        validate(cfg)
+        check_dataset_path(cfg, "" if args.dataset else f"as stored in {out / 'config.yaml'}")
     else:
         preset = args.preset or ("demo" if args.dataset in (None, "synthetic") and not args.config else None)
-        cfg = resolve(preset, args.config, overrides)
-        if cfg.dataset != "synthetic" and not Path(cfg.dataset).exists():
-            raise ValueError(f"dataset path does not exist: {cfg.dataset}")
+        cfg = validate(absolute_paths(resolve(preset, args.config, overrides)))
+        check_dataset_path(cfg, "")
         out = Path(args.out) if args.out else Path("runs") / f"{cfg.method}-{__import__('time').strftime('%Y%m%d-%H%M%S')}"
-        if (out / "checkpoint.pt").exists():
-            raise ValueError(f"{out} already holds a run; use --resume {out} to continue it, or another --out")
-    summary = train(cfg, out, resume=bool(args.resume), progress=not args.no_progress)
+        created = prepare_out(out)
+        was_empty = not any(out.iterdir())
+    from synfoc.train import train
+    try:
+        summary = train(cfg, out, resume=bool(args.resume), progress=not args.no_progress)
+    except BaseException:
+        # a run that never wrote a checkpoint cannot be resumed: leave no half-written folder
+        if was_empty and not (out / "checkpoint.pt").exists():
+            import shutil
+            for child in ([out] if created else list(out.iterdir())):
+                if child.is_dir():
+                    shutil.rmtree(child, ignore_errors=True)
+                else:
+                    child.unlink(missing_ok=True)
+        raise
     if summary is not None:
         from synfoc.evaluate import markdown_table
         domains = list(next(iter(summary["students"].values()))["per_domain"])
@@ -155,7 +236,7 @@ def _models(args) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from synfoc.data.base import DataError
-    from synfoc.train import TrainingError
+    from synfoc.errors import Interrupted, TrainingError, clean_message, os_error_message
     try:
         if args.command == "train":
             return _train(args)
@@ -172,12 +253,30 @@ def main(argv: list[str] | None = None) -> int:
         for verb, module, _ in VERB_MODULES:
             if args.command == verb:
                 return __import__(module, fromlist=["main"]).main(args)
+    except Interrupted as exc:
+        print(f"synfoc: {exc}", file=sys.stderr)
+        return 130
     except (DataError, TrainingError, ValueError, FileNotFoundError) as exc:
         if os.environ.get("SYNFOC_DEBUG"):
             raise
-        print(f"synfoc: error: {exc}", file=sys.stderr)
+        print(f"synfoc: error: {clean_message(str(exc))}", file=sys.stderr)
+        return 2
+    except OSError as exc:  # unwritable output, full disk: name the file instead of a traceback
+        if os.environ.get("SYNFOC_DEBUG"):
+            raise
+        print(f"synfoc: error: {os_error_message(exc, 'cannot use')}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("synfoc: interrupted; the last checkpoint is kept", file=sys.stderr)
+        print(f"synfoc: interrupted{_kept_after_interrupt(args)}", file=sys.stderr)
         return 130
     return 1
+
+
+def _kept_after_interrupt(args) -> str:
+    """What a Ctrl-C outside the training loop leaves: only ``train`` keeps anything."""
+    if args.command != "train":
+        return ""
+    run = Path(args.resume) if args.resume else (Path(args.out) if args.out else None)
+    if run is not None and (run / "checkpoint.pt").is_file():
+        return f"; {run / 'checkpoint.pt'} is kept: continue with `synfoc train --resume {run}`"
+    return "; no checkpoint was written, so there is nothing to resume"

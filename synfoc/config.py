@@ -60,7 +60,7 @@ class TrainConfig:
     compile: bool = False
     deterministic: bool = False
     log_every: int = 10
-    checkpoint_every: int = 100
+    checkpoint_every: int | None = None   # None: about 20 per run (see checkpoint_interval), and every 10 minutes
     eval_every: int = 0                   # >0: evaluate on the test sets every K iterations (--select-on test)
     synthetic_train: int = 40             # cases per domain of the embedded default
     synthetic_test: int = 12
@@ -94,6 +94,79 @@ class TrainConfig:
         elif values.get("labeled_ratio") is not None:
             values.setdefault("labeled_num", None)
         return dataclasses.replace(self, **values)
+
+
+# Choices of the string settings (also the command line's choices).
+METHODS = ("synfoc", "base-unet", "base-foundation", "suponly-unet", "suponly-foundation", "samed", "fixmatch")
+CHOICES = {
+    "method": METHODS,
+    "format": ("auto", "fundus", "prostate", "mnms", "busi", "folder"),
+    "alpha": ("smc", "self", "mutual", "constant", "linear", "cps"),
+    "consistency": ("cdcr", "cr", "none"),
+    "teacher_mode": ("train", "eval"),
+    "device": ("auto", "cpu", "cuda"),
+    "precision": ("auto", "bf16", "fp32"),
+}
+# Settings that are command-line options (named as such in messages); the rest are YAML settings.
+COMMAND_LINE = {"dataset", "format", "labeled_domain", "labeled_num", "labeled_ratio", "skip_bad", "method",
+                "alpha", "consistency", "foundation", "checkpoint", "image_size", "lora_rank",
+                "grad_checkpointing", "unet_size", "unet_width", "iters", "batch_labeled", "batch_unlabeled",
+                "seed", "device", "precision", "compile", "deterministic", "checkpoint_every", "eval_every"}
+
+
+def option_name(name: str) -> str:
+    """How a setting is spelled where users give it: ``--batch-labeled`` or ``lr_unet (setting)``."""
+    return "--" + name.replace("_", "-") if name in COMMAND_LINE else f"{name} (setting)"
+
+
+def validate(cfg: TrainConfig) -> TrainConfig:
+    """Refuse settings that would fail later or silently train nonsense, naming the option.
+
+    Raises ValueError listing every bad setting; returns ``cfg`` unchanged otherwise.
+    """
+    bad: list[str] = []
+
+    def need(name: str, ok: bool, rule: str) -> None:
+        if not ok:
+            bad.append(f"{option_name(name)} must be {rule}, not {getattr(cfg, name)!r}")
+
+    for name in ("iters", "batch_labeled", "batch_unlabeled", "unet_width", "log_every",
+                 "synthetic_train", "synthetic_test", "synthetic_classes"):
+        need(name, isinstance(getattr(cfg, name), int) and getattr(cfg, name) >= 1, "an integer >= 1")
+    if cfg.method in ("synfoc", "fixmatch") or cfg.method.endswith("unet"):
+        need("unet_size", isinstance(cfg.unet_size, int) and cfg.unet_size >= 16 and cfg.unet_size % 16 == 0,
+             "a multiple of 16 (the U-Net halves it four times)")
+    else:  # metrics are still computed at this size
+        need("unet_size", isinstance(cfg.unet_size, int) and cfg.unet_size >= 1, "an integer >= 1")
+    if cfg.image_size is not None:
+        need("image_size", isinstance(cfg.image_size, int) and cfg.image_size >= 32, "an integer >= 32")
+    need("lora_rank", isinstance(cfg.lora_rank, int) and cfg.lora_rank >= 0, "an integer >= 0")
+    need("eval_every", isinstance(cfg.eval_every, int) and cfg.eval_every >= 0, "an integer >= 0 (0: never)")
+    if cfg.checkpoint_every is not None:
+        need("checkpoint_every", isinstance(cfg.checkpoint_every, int) and cfg.checkpoint_every >= 1,
+             "an integer >= 1")
+    if cfg.labeled_num is not None:
+        need("labeled_num", cfg.labeled_num >= 1, "at least 1")
+    if cfg.labeled_ratio is not None:
+        need("labeled_ratio", 0 < cfg.labeled_ratio <= 1, "in (0, 1]")
+    for name in ("threshold", "ema_decay"):
+        need(name, 0 <= getattr(cfg, name) <= 1, "in [0, 1]")
+    need("momentum_unet", 0 <= cfg.momentum_unet < 1, "in [0, 1)")
+    for name in ("lr_unet", "lr_foundation"):
+        need(name, getattr(cfg, name) > 0, "> 0")
+    for name in ("weight_decay_unet", "weight_decay_foundation"):
+        need(name, getattr(cfg, name) >= 0, ">= 0")
+    for name in ("brightness", "contrast"):
+        v = getattr(cfg, name)
+        need(name, isinstance(v, (list, tuple)) and len(v) == 2
+             and all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in v) and 0 < v[0] <= v[1],
+             "[low, high] with 0 < low <= high")
+    for name, choices in CHOICES.items():
+        need(name, getattr(cfg, name) in choices, f"one of {', '.join(choices)}")
+    need("dataset", isinstance(cfg.dataset, str) and cfg.dataset.strip() != "", "a folder or 'synthetic'")
+    if bad:
+        raise ValueError("; ".join(bad))
+    return cfg
 
 
 def load_yaml(path: str | Path) -> dict:

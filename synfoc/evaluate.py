@@ -133,13 +133,24 @@ def load_run(run: Path, dataset: str | None = None, weights_dir: Path | None = N
     run = Path(run)
     cfg = run_config(run)
     cfg = cfg.update({"device": device} | ({"dataset": dataset} if dataset else {}), "command line")
+    if cfg.dataset != "synthetic" and not Path(cfg.dataset).exists():
+        where = "" if dataset else f" (as stored in {run / 'config.yaml'})"
+        raise ValueError(f"the run's dataset {cfg.dataset} is not found{where}; pass --dataset PATH to say "
+                         "where it is now")
     rt = make_runtime(cfg)
     index = open_index(cfg)
+    if dataset:
+        check_run_cases(run, index, dataset)
     weights_dir = Path(weights_dir or run)
     students = {}
     if (weights_dir / "unet.safetensors").is_file():
         unet = build_unet(index.channels, index.num_classes, cfg.unet_width)
-        unet.load_state_dict(load_file(str(weights_dir / "unet.safetensors")))
+        try:
+            unet.load_state_dict(load_file(str(weights_dir / "unet.safetensors")))
+        except (RuntimeError, OSError) as exc:
+            raise ValueError(f"{weights_dir / 'unet.safetensors'} does not fit a U-Net for this dataset's "
+                             f"{index.num_classes} class(es) and {index.channels} channel(s) "
+                             f"({str(exc).strip().splitlines()[0]})") from None
         students["unet"] = unet
     if (weights_dir / "foundation.safetensors").is_file():
         fm = build_foundation_model(cfg.foundation, index.num_classes, lora_rank=cfg.lora_rank,
@@ -149,6 +160,18 @@ def load_run(run: Path, dataset: str | None = None, weights_dir: Path | None = N
     if not students:
         raise ValueError(f"no student weights (unet.safetensors, foundation.safetensors) in {weights_dir}")
     return cfg, index, {k: m.to(rt.device).eval() for k, m in students.items()}, rt
+
+
+def check_run_cases(run: Path, index, dataset: str) -> None:
+    """Data given with ``--dataset`` for a run must hold the run's training cases (by domain and
+    name, from ``labeled.txt`` / ``unlabeled.txt``): moved data passes, other data is refused."""
+    names = {f"{c.domain}/{c.name}" for c in index.cases_of(split="train")}
+    wanted = [line for f in ("labeled.txt", "unlabeled.txt") if (run / f).is_file()
+              for line in (run / f).read_text().splitlines() if line]
+    missing = [n for n in wanted if n not in names]
+    if missing:
+        raise ValueError(f"--dataset {dataset} is not the data of {run}: {len(missing)} of its {len(wanted)} "
+                         f"training cases are missing there (e.g. {', '.join(missing[:3])})")
 
 
 def evaluate_run(run: Path, dataset: str | None = None, select_on: str = "final", device: str = "auto") -> dict:

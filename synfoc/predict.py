@@ -185,7 +185,9 @@ def write_overlay(image: np.ndarray, label: np.ndarray, parts, path: Path) -> No
 def predict_inputs(predictor: Predictor, source: Path, output: Path, overlay: bool = False,
                    progress: bool = True) -> tuple[list[Path], list[tuple[Path, str]]]:
     """Segment every input under ``source`` into ``output``; (written files, [(skipped file, why)]).
-    An input that cannot be read or written is reported on stderr and skipped."""
+    An input that cannot be read is reported on stderr and skipped; a mask that cannot be written
+    (full disk, unwritable folder) stops everything with one :class:`ValueError`, since every
+    further input would fail the same way."""
     from tqdm import tqdm
 
     from synfoc.data.base import DataError
@@ -202,7 +204,11 @@ def predict_inputs(predictor: Predictor, source: Path, output: Path, overlay: bo
                 predict_nifti_file(predictor, path, target, over)
             else:
                 predict_image_file(predictor, path, target, over)
-        except (DataError, OSError, ValueError) as exc:
+        except OSError as exc:  # input errors arrive as DataError: this is the output side
+            from synfoc.errors import os_error_message
+            raise ValueError(f"--output {output}: {os_error_message(exc)}; {len(written)} mask(s) were "
+                             "written before it") from None
+        except (DataError, ValueError) as exc:
             reason = exc.problem if isinstance(exc, FileDataError) else str(exc) or type(exc).__name__
             skipped.append((path, reason))
             tqdm.write(f"synfoc predict: skipped {path}: {reason}", file=sys.stderr)
@@ -220,12 +226,26 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="which student segments (default: foundation when the run has it, else unet)")
     parser.add_argument("--overlay", action="store_true",
                         help=f"also write OUTPUT/{OVERLAY_DIR}/NAME.png: the image with coloured prediction contours")
-    parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
+                        help="where the students run (default auto: CUDA when available)")
     parser.add_argument("--dataset", help="where the run's dataset is now (default: as in its config.yaml); "
                         "read for its classes, channels, slice axis and intensity window")
     parser.add_argument("--slice-axis", type=int, choices=[0, 1, 2],
                         help="axis along which volumes are cut into 2D slices (default: the dataset's, else 2)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def check_writable_folder(folder: Path, option: str) -> None:
+    """Create ``folder`` if needed and write a probe file there, or stop naming ``option``: before
+    any model is loaded, not once per input."""
+    from synfoc.errors import os_error_message
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / ".synfoc-write-test"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as exc:
+        raise ValueError(f"{option} {folder}: {os_error_message(exc)}") from None
 
 
 def main(args: argparse.Namespace) -> int:
@@ -234,6 +254,7 @@ def main(args: argparse.Namespace) -> int:
         raise ValueError(f"input not found: {source}")
     if output.exists() and not output.is_dir():
         raise ValueError(f"--output must be a folder, but {output} is a file")
+    check_writable_folder(output, "--output")
     list_inputs(source, output)  # fail before loading the models when there is nothing to do
     predictor = make_predictor(Path(args.run), args.student, args.device, args.dataset, args.slice_axis)
     written, skipped = predict_inputs(predictor, source, output, overlay=args.overlay,

@@ -471,11 +471,22 @@ def write_report(run: Path, output: Path | None = None, per_domain: int = 4, dev
     if not (run / "config.yaml").is_file():
         raise ValueError(f"{run} is not a synfoc run folder (no config.yaml)")
     output = Path(output) if output else run / "report.html"
+    if output.is_dir():
+        raise ValueError(f"--output {output} is a folder; give the HTML file to write")
+    from synfoc.predict import check_writable_folder
+    check_writable_folder(output.parent, "--output")  # before the gallery's minutes of inference
     page = build_html(run, per_domain=per_domain, device=device, dataset=dataset)
-    output.parent.mkdir(parents=True, exist_ok=True)
     tmp = output.with_name(output.name + ".tmp")
-    tmp.write_text(page, encoding="utf-8")
-    tmp.replace(output)
+    try:
+        tmp.write_text(page, encoding="utf-8")
+        tmp.replace(output)
+    except OSError as exc:
+        from synfoc.errors import os_error_message
+        try:
+            tmp.unlink(missing_ok=True)
+        except OSError:
+            pass
+        raise ValueError(f"--output {output}: {os_error_message(exc)}") from None
     return output
 
 
@@ -487,7 +498,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--cases", type=int, default=4, metavar="N",
                         help="test cases per domain in the gallery (default 4; 0: no gallery)")
     parser.add_argument("--dataset", help="where the run's dataset is now (default: as in its config.yaml)")
-    parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
+                        help="where the students run (default auto: CUDA when available)")
 
 
 def main(args: argparse.Namespace) -> int:

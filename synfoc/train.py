@@ -16,7 +16,9 @@ import math
 import os
 import platform
 import random
+import signal
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,17 +30,17 @@ import yaml
 from torch import nn
 
 from synfoc.augment import AugmentConfig, box_mask, draw_boxes, draw_strong, strong, warp, weak_grid
-from synfoc.config import TrainConfig
-from synfoc.data.base import DataError, DatasetIndex
+from synfoc.config import TrainConfig, validate
+from synfoc.data.base import DataError, DatasetIndex, Problem
+from synfoc.errors import Interrupted, TrainingError, os_error_message, torch_load_reason
 from synfoc.method.baselines import SingleModel, models_of
 from synfoc.method.ema import ema_update, make_teacher
 from synfoc.method.synfoc import INSTANCES, SynFoC, Views
 
 CHECKPOINT = "checkpoint.pt"
-
-
-class TrainingError(Exception):
-    """A problem that stops training with a message for the user (no traceback)."""
+# A checkpoint is also written when this much wall time passed since the last one, so that a kill
+# never loses more than about ten minutes of work, whatever the interval in iterations.
+CHECKPOINT_SECONDS = 600.0
 
 
 # ----------------------------------------------------------------------------- devices and precision
@@ -337,10 +339,37 @@ def quantiles(spread: dict[str, torch.Tensor]) -> dict[str, float]:
 
 # ----------------------------------------------------------------------------- checkpoints
 def atomic_save(obj, path: Path) -> None:
-    """Write to a temporary file, then rename: a crash mid-write never destroys the last good file."""
+    """Write to a temporary file, then rename: a crash mid-write never destroys the last good file.
+
+    A failed write (disk full, quota, permissions) removes the partial temporary file and raises
+    :class:`TrainingError` naming the folder; the previous ``path`` is left as it was.
+    """
     tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    except (OSError, RuntimeError) as exc:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        kept = f"; the previous {path.name} is kept" if path.is_file() else ""
+        raise TrainingError(f"{write_failure(exc, tmp)}{kept}") from None
+
+
+def write_failure(exc: BaseException, path: Path) -> str:
+    """What went wrong writing ``path``. PyTorch's zip writer reports a full disk as a RuntimeError
+    ("enforce fail at inline_container.cc ... unexpected pos"), without errno: then the free space
+    of the folder decides."""
+    import errno
+    import shutil
+    if isinstance(exc, OSError):
+        if exc.errno == errno.ENOSPC:
+            return f"no space left on {path.parent} (writing {path.name})"
+        return os_error_message(exc if exc.filename else OSError(exc.errno, exc.strerror, str(path)))
+    with contextlib.suppress(OSError):
+        if shutil.disk_usage(path.parent).free < 64 * 2**20:
+            return f"no space left on {path.parent} (writing {path.name})"
+    first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return f"cannot write {path}: {first}"
 
 
 def trainable_state(m: nn.Module) -> dict[str, torch.Tensor]:
@@ -357,17 +386,157 @@ def teacher_state(student: nn.Module, teacher: nn.Module) -> dict[str, torch.Ten
 
 
 def save_student_weights(students: dict[str, nn.Module], out: Path, cfg: TrainConfig) -> None:
+    from safetensors import SafetensorError
     from safetensors.torch import save_file
     from synfoc.models.weights import save_trainable
     for name, m in students.items():
         m = unwrap(m)
-        if name == "unet":
-            tmp = out / "unet.safetensors.tmp"
-            save_file({k: v.contiguous() for k, v in m.state_dict().items()}, str(tmp),
-                      metadata={"model": "unet", "width": str(cfg.unet_width)})
-            os.replace(tmp, out / "unet.safetensors")
-        else:
-            save_trainable(m, out / "foundation.safetensors")
+        target = out / f"{name}.safetensors"
+        tmp = out / f"{name}.safetensors.tmp"
+        try:
+            if name == "unet":
+                save_file({k: v.contiguous() for k, v in m.state_dict().items()}, str(tmp),
+                          metadata={"model": "unet", "width": str(cfg.unet_width)})
+            else:
+                save_trainable(m, tmp)
+            os.replace(tmp, target)
+        except (OSError, RuntimeError, SafetensorError) as exc:
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+            raise TrainingError(f"{write_failure(exc, tmp)}; {CHECKPOINT} is kept: "
+                                f"free some space and run `synfoc train --resume {out}`") from None
+        ordinary_file_mode(target)
+
+
+def ordinary_file_mode(path: Path) -> None:
+    """The mode every other file of a run gets (0666 less the umask, usually 0644): safetensors
+    creates its files 0600, which other users of a shared run folder then cannot read."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)
+
+
+def checkpoint_interval(cfg: TrainConfig) -> int:
+    """Iterations between checkpoints: ``checkpoint_every``, else about 20 per run (at most 1000
+    iterations apart); :data:`CHECKPOINT_SECONDS` of wall time also triggers one."""
+    if cfg.checkpoint_every:
+        return cfg.checkpoint_every
+    return max(1, min(1000, math.ceil(cfg.iters / 20)))
+
+
+def load_checkpoint(path: Path, device, run: Path) -> dict:
+    """The state saved by training, loaded with the safe loader; a missing, truncated, foreign
+    or unsafe file stops with a message (nothing in the run folder is changed)."""
+    if not path.is_file():
+        raise TrainingError(f"nothing to resume in {run}: {CHECKPOINT} not found")
+    fresh = (f"The run cannot continue from it; start it again with "
+             f"`synfoc train --config {run / 'config.yaml'} --out NEW_FOLDER`.")
+    try:
+        state = torch.load(path, map_location=device, weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - any failure to read it means it cannot be used
+        reason = torch_load_reason(str(exc)) or (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise TrainingError(f"cannot resume from {path}: {reason}. {fresh}") from None
+    if not isinstance(state, dict) or not {"step", "students", "teachers", "optimizers"} <= set(state):
+        raise TrainingError(f"cannot resume from {path}: not a synfoc training checkpoint. {fresh}")
+    return state
+
+
+def trim_history(path: Path, step: int, elapsed: float | None) -> float:
+    """Drop the rows of ``history.jsonl`` after ``step`` (iterations after the checkpoint are done
+    again) and return the training time at ``step``: ``elapsed`` when the checkpoint has it, else
+    the time column of the row at ``step``."""
+    if not path.is_file():
+        return float(elapsed or 0.0)
+    kept, at_step = [], None
+    for line in path.read_text().splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue  # a row cut by a kill mid-write
+        if row.get("step", 0) <= step:
+            kept.append(line)
+            if row.get("step") == step:
+                at_step = row.get("time")
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(line + "\n" for line in kept))
+    os.replace(tmp, path)
+    return float(elapsed if elapsed is not None else (at_step or 0.0))
+
+
+def check_same_split(run: Path, dataset: str, labeled, unlabeled) -> None:
+    """A resumed run must see the training cases it started with (``labeled.txt``,
+    ``unlabeled.txt``), by name: moved data is fine, other data is refused."""
+    for name, cases in (("labeled.txt", labeled), ("unlabeled.txt", unlabeled)):
+        path = run / name
+        if not path.is_file():
+            continue
+        before = [line for line in path.read_text().splitlines() if line]
+        now = [f"{c.domain}/{c.name}" for c in cases]
+        if before != now:
+            missing = [n for n in before if n not in set(now)]
+            extra = [n for n in now if n not in set(before)]
+            detail = ", ".join(filter(None, [
+                f"{len(missing)} of its cases missing (e.g. {', '.join(missing[:3])})" if missing else "",
+                f"{len(extra)} other cases (e.g. {', '.join(extra[:3])})" if extra else "",
+                "the same cases in another order" if not missing and not extra else ""]))
+            raise TrainingError(f"the dataset {dataset} does not hold the training cases of {path}: {detail}. "
+                                "Point --dataset at the data this run was trained on.")
+
+
+def problem_listing(head: str, problems) -> str:
+    listing = "\n".join(f"  {p.file}: {p.problem}" for p in problems[:20])
+    more = f"\n  ... and {len(problems) - 20} more" if len(problems) > 20 else ""
+    return f"{head}:\n{listing}{more}\nFix them, or pass --skip-bad to train without the affected cases."
+
+
+def check_test_split(index: DatasetIndex, progress: bool) -> None:
+    """Decode every test case now, so that a bad test file stops the run before the first
+    iteration instead of at the final evaluation, hours later."""
+    from tqdm import tqdm
+
+    from synfoc.data.io import FileDataError
+    problems = []
+    for case in tqdm(index.cases_of(split="test"), desc="checking test split", unit="case", disable=not progress):
+        try:
+            index.read(case)
+        except DataError as exc:
+            problems.append(exc.as_problem() if isinstance(exc, FileDataError) else Problem(str(case.image), str(exc)))
+    if problems:
+        raise DataError(problem_listing(f"the test split has {len(problems)} problem(s)", problems))
+
+
+class StopRequest:
+    """Ctrl-C during training: finish the current iteration, write a checkpoint, then stop.
+    A second Ctrl-C stops at once (KeyboardInterrupt)."""
+
+    def __init__(self) -> None:
+        self.requested = False
+
+    @contextlib.contextmanager
+    def on_sigint(self):
+        if threading.current_thread() is not threading.main_thread():
+            yield self
+            return
+
+        def handler(signum, frame):
+            self.requested = True
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+            print("\nsynfoc: Ctrl-C: finishing this iteration and writing a checkpoint "
+                  "(Ctrl-C again to stop at once)", file=sys.stderr, flush=True)
+
+        previous = signal.signal(signal.SIGINT, handler)
+        try:
+            yield self
+        finally:
+            signal.signal(signal.SIGINT, previous)
+
+
+def interrupted_message(t: int, saved_step: int | None, out: Path) -> str:
+    if saved_step is None:
+        return (f"interrupted at iteration {t + 1}, before any checkpoint was written: "
+                "there is nothing to resume")
+    return (f"interrupted at iteration {t + 1}; the checkpoint of iteration {saved_step} is in "
+            f"{out / CHECKPOINT}: continue with `synfoc train --resume {out}`")
 
 
 # ----------------------------------------------------------------------------- the loop
@@ -380,12 +549,12 @@ def train(cfg: TrainConfig, out: Path, resume: bool = False, progress: bool = Tr
     from synfoc.evaluate import evaluate_students, write_evaluation
     from synfoc.report import write_progress_png
 
+    validate(cfg)
     rt = make_runtime(cfg)
     if cfg.deterministic:
         torch.use_deterministic_algorithms(True, warn_only=True)
     seed = cfg.seed + 1000 * rt.rank
     seed_everything(cfg.seed)  # identical model initialisation on every rank
-    out.mkdir(parents=True, exist_ok=True)
     say = (lambda *a: print(*a, flush=True)) if rt.master else (lambda *a: None)
 
     index = open_index(cfg)
@@ -396,17 +565,11 @@ def train(cfg: TrainConfig, out: Path, resume: bool = False, progress: bool = Tr
         index, dropped = drop_bad(index, problems)
         say(f"--skip-bad: skipping {dropped} case(s) with problems ({len(problems)} problem(s) listed by `synfoc data check`)")
     elif problems:
-        listing = "\n".join(f"  {p.file}: {p.problem}" for p in problems[:20])
-        more = f"\n  ... and {len(problems) - 20} more" if len(problems) > 20 else ""
-        raise DataError(f"the dataset has {len(problems)} problem(s):\n{listing}{more}\n"
-                        "Fix them, or pass --skip-bad to train without the affected cases.")
+        raise DataError(problem_listing(f"the dataset has {len(problems)} problem(s)", problems))
     domain = cfg.labeled_domain or index.domains[0]
     labeled_cases, unlabeled_cases = split_labeled(index, domain, cfg.labeled_num, cfg.labeled_ratio)
-    if rt.master:
-        write_split(out, labeled_cases, unlabeled_cases)
-        (out / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-        with (out / "environment.jsonl").open("a") as fh:  # one line per start or resume
-            fh.write(json.dumps({"resumed": resume, **environment(rt)}) + "\n")
+    if resume:
+        check_same_split(out, cfg.dataset, labeled_cases, unlabeled_cases)
 
     kinds = models_of(cfg.method)
     models = build_models(cfg, index, rt)
@@ -421,6 +584,8 @@ def train(cfg: TrainConfig, out: Path, resume: bool = False, progress: bool = Tr
 
     labeled = load_arrays(index, labeled_cases, list(sizes.values()), progress and rt.master)
     unlabeled = load_arrays(index, unlabeled_cases, list(sizes.values()), progress and rt.master)
+    if cfg.dataset != "synthetic" and not cfg.skip_bad:  # --skip-bad already decoded every file
+        check_test_split(index, progress and rt.master)
     labeled_num = len(labeled_cases)
     if labeled_num < cfg.batch_labeled:
         say(f"note: {labeled_num} labeled cases < labeled batch {cfg.batch_labeled}; batches repeat cases")
@@ -445,28 +610,45 @@ def train(cfg: TrainConfig, out: Path, resume: bool = False, progress: bool = Tr
         method = SingleModel(cfg.method, students[k], teachers[k], cfg.threshold)
     aug = AugmentConfig(brightness=tuple(cfg.brightness), contrast=tuple(cfg.contrast))
 
-    start = 0
+    start, elapsed = 0, 0.0
     ckpt_path = out / CHECKPOINT
     if resume:
-        if not ckpt_path.is_file():
-            raise TrainingError(f"nothing to resume in {out}: {CHECKPOINT} not found")
-        state = torch.load(ckpt_path, map_location=rt.device, weights_only=True)
-        for k in models:
-            unwrap(models[k]).load_state_dict(state["students"][k], strict=False)
-            unwrap(teachers[k]).load_state_dict(state["teachers"][k], strict=False)
-            optimizers[k].load_state_dict(state["optimizers"][k])
+        state = load_checkpoint(ckpt_path, rt.device, out)
+        try:
+            for k in models:
+                unwrap(models[k]).load_state_dict(state["students"][k], strict=False)
+                unwrap(teachers[k]).load_state_dict(state["teachers"][k], strict=False)
+                optimizers[k].load_state_dict(state["optimizers"][k])
+        except (KeyError, ValueError, RuntimeError) as exc:
+            raise TrainingError(f"{ckpt_path} does not fit this run's models ({str(exc).splitlines()[0]}); "
+                                f"was {out / 'config.yaml'} edited?") from None
         start = int(state["step"])
         say(f"resuming {out} at iteration {start}")
 
+    # Setup is done: only now does the run folder get written, so a failed start leaves nothing.
+    if rt.master:
+        out.mkdir(parents=True, exist_ok=True)
+        write_split(out, labeled_cases, unlabeled_cases)
+        (out / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+        with (out / "environment.jsonl").open("a") as fh:  # one line per start or resume
+            fh.write(json.dumps({"resumed": resume, **environment(rt)}) + "\n")
+        if resume:
+            elapsed = trim_history(out / "history.jsonl", start, state.get("elapsed"))
+    saved_step = start if resume else None
+    t0 = time.time() - elapsed
+
     def save_checkpoint(step: int) -> None:
+        nonlocal saved_step
         if not rt.master:
             return
-        atomic_save({"step": step, "config": cfg.to_dict(),
+        atomic_save({"step": step, "config": cfg.to_dict(), "elapsed": time.time() - t0,
                      "students": {k: trainable_state(m) for k, m in models.items()},
                      "teachers": {k: teacher_state(models[k], teachers[k]) for k in models},
                      "optimizers": {k: o.state_dict() for k, o in optimizers.items()}}, ckpt_path)
+        saved_step = step
 
-    writer = SummaryWriter(str(out / "tensorboard")) if rt.master else None
+    # purge_step drops TensorBoard events written after the checkpoint resumed from (they are redone)
+    writer = SummaryWriter(str(out / "tensorboard"), purge_step=start + 1 if resume else None) if rt.master else None
     history = (out / "history.jsonl").open("a") if rt.master else None
     for m in students.values():
         m.train()
@@ -475,56 +657,82 @@ def train(cfg: TrainConfig, out: Path, resume: bool = False, progress: bool = Tr
     sums: dict[str, torch.Tensor] = {}
     instances: dict[str, list[torch.Tensor]] = {}
     count = 0
-    t0 = time.time()
-    fault_at = int(os.environ.get("SYNFOC_FAULT_AT_STEP", -1))  # fault injection for the resume tests
-    for t in bar:
-        if t == fault_at:
-            os.kill(os.getpid(), 9)
-        views = make_views(cfg, aug, labeled, unlabeled, t, sizes, rt, seed)
-        with rt.autocast():
-            loss, logs = method.step(views, t, cfg.iters)
-        for o in optimizers.values():
-            o.zero_grad(set_to_none=True)
-        loss.backward()
-        for o in optimizers.values():
-            o.step()
-        for k in models:
-            ema_update(teachers[k], unwrap(students[k]), t, cfg.ema_decay)
-        for k, val in logs.items():   # accumulate on the device; read back only at log time
-            if k.endswith(INSTANCES):
-                instances.setdefault(k[:-len(INSTANCES)], []).append(val.detach().float())
-            else:
-                sums[k] = sums.get(k, 0) + val.detach().float()
-        count += 1
-        last = t + 1 == cfg.iters
-        if (t + 1) % cfg.log_every == 0 or last or (t + 1) % cfg.checkpoint_every == 0:
-            means = {k: (v / count).item() for k, v in sums.items()}
-            spread = {k: torch.cat(v).cpu() for k, v in instances.items()}
-            sums, instances, count = {}, {}, 0
-            if not all(math.isfinite(v) for v in means.values()):
-                bad = ", ".join(k for k, v in means.items() if not math.isfinite(v))
-                raise TrainingError(f"non-finite loss at iteration {t + 1} ({bad}); stopping. The last good "
-                                    f"checkpoint is kept in {ckpt_path}. Try a lower learning rate or --precision fp32.")
-            if rt.master:
-                bar.set_postfix({k: f"{means[k]:.3f}" for k in ("loss", "loss_x", "loss_u", "alpha") if k in means})
-                for k, v in means.items():
-                    writer.add_scalar(f"train/{k}", v, t + 1)
-                for k, v in spread.items():
-                    writer.add_histogram(f"train/{k}", v, t + 1)
-                history.write(json.dumps({"step": t + 1, "time": round(time.time() - t0, 2), **means,
-                                          **quantiles(spread)}) + "\n")
-                history.flush()
-            if (t + 1) % cfg.checkpoint_every == 0 or last:
-                save_checkpoint(t + 1)
-                if rt.keeps_freed_memory:
-                    release_freed_memory()
-                if rt.master:
-                    write_progress_png(out)
-        if cfg.eval_every and (t + 1) % cfg.eval_every == 0 and rt.master:
-            _track_best_on_test(cfg, index, {k: unwrap(m) for k, m in students.items()}, out, t + 1, rt, writer)
+    every = checkpoint_interval(cfg)
+    last_save = time.time()
+    # fault injection for the resume and interruption tests
+    fault_at = int(os.environ.get("SYNFOC_FAULT_AT_STEP", -1))
+    interrupt_at = int(os.environ.get("SYNFOC_INTERRUPT_AT_STEP", -1))
+    stop = StopRequest()
+    t = start
+    with contextlib.ExitStack() as guard:
+        if rt.world == 1:  # under DDP every rank would stop at a different iteration
+            guard.enter_context(stop.on_sigint())
+        try:
+            for t in bar:
+                if t == fault_at:
+                    os.kill(os.getpid(), 9)
+                if t == interrupt_at:
+                    os.kill(os.getpid(), signal.SIGINT)
+                views = make_views(cfg, aug, labeled, unlabeled, t, sizes, rt, seed)
+                with rt.autocast():
+                    loss, logs = method.step(views, t, cfg.iters)
+                for o in optimizers.values():
+                    o.zero_grad(set_to_none=True)
+                loss.backward()
+                for o in optimizers.values():
+                    o.step()
+                for k in models:
+                    ema_update(teachers[k], unwrap(students[k]), t, cfg.ema_decay)
+                for k, val in logs.items():   # accumulate on the device; read back only at log time
+                    if k.endswith(INSTANCES):
+                        instances.setdefault(k[:-len(INSTANCES)], []).append(val.detach().float())
+                    else:
+                        sums[k] = sums.get(k, 0) + val.detach().float()
+                count += 1
+                last = t + 1 == cfg.iters
+                due = ((t + 1) % every == 0 or last or stop.requested
+                       or time.time() - last_save >= CHECKPOINT_SECONDS)
+                if (t + 1) % cfg.log_every == 0 or due:
+                    means = {k: (v / count).item() for k, v in sums.items()}
+                    spread = {k: torch.cat(v).cpu() for k, v in instances.items()}
+                    sums, instances, count = {}, {}, 0
+                    if not all(math.isfinite(v) for v in means.values()):
+                        bad = ", ".join(k for k, v in means.items() if not math.isfinite(v))
+                        kept = (f"The checkpoint of iteration {saved_step} is kept in {ckpt_path}"
+                                if saved_step is not None else "No checkpoint was written before it")
+                        raise TrainingError(f"non-finite loss at iteration {t + 1} ({bad}); stopping. {kept}. "
+                                            "Try a lower learning rate or --precision fp32.")
+                    if rt.master:
+                        bar.set_postfix({k: f"{means[k]:.3f}" for k in ("loss", "loss_x", "loss_u", "alpha")
+                                         if k in means})
+                        for k, v in means.items():
+                            writer.add_scalar(f"train/{k}", v, t + 1)
+                        for k, v in spread.items():
+                            writer.add_histogram(f"train/{k}", v, t + 1)
+                        history.write(json.dumps({"step": t + 1, "time": round(time.time() - t0, 2), **means,
+                                                  **quantiles(spread)}) + "\n")
+                        history.flush()
+                    if due:
+                        save_checkpoint(t + 1)
+                        last_save = time.time()
+                        if rt.keeps_freed_memory:
+                            release_freed_memory()
+                        if rt.master:
+                            write_progress_png(out)
+                if cfg.eval_every and (t + 1) % cfg.eval_every == 0 and rt.master:
+                    _track_best_on_test(cfg, index, {k: unwrap(m) for k, m in students.items()}, out, t + 1, rt,
+                                        writer)
+                if stop.requested and not last:
+                    raise KeyboardInterrupt
+        except KeyboardInterrupt:
+            bar.close()
+            if writer:
+                writer.close()
+            raise Interrupted(interrupted_message(t, saved_step, out)) from None
+        finally:
+            if history:
+                history.close()
     bar.close()
-    if history:
-        history.close()
 
     summary = None
     if rt.master:

@@ -1,0 +1,309 @@
+"""Bad input and faults a user can hit: each ends in one message naming the file or option (exit
+2 for user errors, 130 for Ctrl-C), no Python traceback, and nothing that existed before is lost.
+
+The table in docs/reliability.md lists every case with the test that checks it. Runs are tiny
+(U-Net only, 32-pixel inputs, a few iterations) and mostly in-process, through ``synfoc.cli.main``.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from synfoc import train as train_module
+from synfoc.cli import main
+
+TINY_NO_SPLIT = ["--unet-size", "32", "--unet-width", "4", "--image-size", "64", "--batch-labeled", "2",
+                 "--batch-unlabeled", "2", "--no-progress", "--device", "cpu", "--method", "suponly-unet"]
+TINY = [*TINY_NO_SPLIT, "--labeled-num", "2"]
+
+
+def tiny_config(tmp_path: Path, **extra) -> Path:
+    cfg = {"synthetic_train": 4, "synthetic_test": 2, "log_every": 1, "precision": "fp32"}
+    cfg.update(extra)
+    path = tmp_path / "tiny.yaml"
+    path.write_text("\n".join(f"{k}: {v}" for k, v in cfg.items()))
+    return path
+
+
+def run_main(capsys, argv: list[str]) -> tuple[int, str]:
+    """(exit code, stderr) of ``synfoc ARGV`` run in this process."""
+    capsys.readouterr()
+    code = main([str(a) for a in argv])
+    return code, capsys.readouterr().err
+
+
+def assert_user_error(code: int, err: str, *names: str) -> None:
+    assert code == 2, err
+    assert "Traceback" not in err, err
+    for name in names:
+        assert str(name) in err, (name, err)
+
+
+def snapshot(folder: Path) -> dict[str, bytes]:
+    """Every file under ``folder`` with its bytes: "nothing lost" compares two of these."""
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def train_args(tmp_path: Path, out: Path, iters: int = 2, split: bool = True, **cfg) -> list:
+    return ["train", "--config", tiny_config(tmp_path, **cfg), "--out", out, "--iters", iters,
+            *(TINY if split else TINY_NO_SPLIT)]
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory) -> Path:
+    """A finished tiny run (checkpoints at 1 and 2), copied by the tests that damage one."""
+    base = tmp_path_factory.mktemp("finished")
+    out = base / "run"
+    assert main([str(a) for a in train_args(base, out, checkpoint_every=1)]) == 0
+    return out
+
+
+@pytest.fixture
+def run_copy(finished_run, tmp_path) -> Path:
+    copy = tmp_path / "run"
+    shutil.copytree(finished_run, copy)
+    return copy
+
+
+def save_png(path: Path, array: np.ndarray, **kw) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(array).save(path, **kw)
+    return path
+
+
+def folder_dataset(root: Path, n: int = 3, size: int = 32, value: int = 255) -> Path:
+    """A user dataset: two domains, n train and n test cases each, 0/``value`` masks."""
+    rng = np.random.default_rng(0)
+    for domain in ("siteA", "siteB"):
+        for split in ("train", "test"):
+            for k in range(n):
+                save_png(root / domain / split / "images" / f"case{k}.png",
+                         rng.integers(0, 256, (size, size), dtype=np.uint8))
+                mask = np.zeros((size, size), np.uint8)
+                mask[8:20, 6 + k:18 + k] = value
+                save_png(root / domain / split / "masks" / f"case{k}.png", mask)
+    return root
+
+
+# ============================================================================= 2. late failures
+
+@pytest.mark.parametrize("option, value", [
+    ("--iters", "0"), ("--iters", "-5"), ("--batch-labeled", "0"), ("--batch-unlabeled", "-1"),
+    ("--unet-width", "0"), ("--unet-size", "40"), ("--image-size", "0"), ("--lora-rank", "-1"),
+    ("--checkpoint-every", "0"), ("--eval-every", "-1"), ("--labeled-ratio", "1.5"),
+    ("--labeled-num", "0"),
+])
+def test_numeric_options_are_checked_up_front(tmp_path, capsys, option, value):
+    out = tmp_path / "run"
+    args = train_args(tmp_path, out, split=not option.startswith("--labeled"))
+    code, err = run_main(capsys, [*args, option, value])
+    assert_user_error(code, err, option, value)
+    assert not out.exists()  # refused before anything was written
+
+
+@pytest.mark.parametrize("setting, value", [("threshold", 2), ("lr_unet", 0), ("log_every", 0),
+                                            ("brightness", "[2.0, 0.5]"), ("teacher_mode", "sleepy"),
+                                            ("synthetic_train", 0)])
+def test_config_file_settings_are_checked_up_front(tmp_path, capsys, setting, value):
+    out = tmp_path / "run"
+    code, err = run_main(capsys, ["train", "--config", tiny_config(tmp_path, **{setting: value}), "--out", out,
+                                  "--iters", "2", *TINY])
+    assert_user_error(code, err, setting)
+    assert not out.exists()
+
+
+def test_all_bad_options_are_named_at_once(tmp_path, capsys):
+    code, err = run_main(capsys, [*train_args(tmp_path, tmp_path / "run"), "--iters", "0", "--unet-width", "0"])
+    assert_user_error(code, err, "--iters", "--unet-width")
+
+
+def test_corrupt_test_image_stops_before_the_first_iteration(tmp_path, capsys):
+    data = folder_dataset(tmp_path / "data")
+    bad = data / "siteB" / "test" / "images" / "case1.png"
+    bad.write_bytes(bad.read_bytes()[:60])
+    out = tmp_path / "run"
+    code, err = run_main(capsys, ["train", "--dataset", data, "--labeled-domain", "siteA", "--out", out,
+                                  "--iters", "2", *TINY])
+    assert_user_error(code, err, bad, "test split")
+    assert not out.exists()  # stopped during setup: no half-written run folder
+
+
+def test_numeric_checks_reach_the_python_api(tmp_path):
+    from synfoc.config import TrainConfig
+    with pytest.raises(ValueError, match="--iters"):
+        train_module.train(TrainConfig(iters=-5), tmp_path / "run", progress=False)
+    assert not (tmp_path / "run").exists()
+
+
+# ============================================================================= 5. tracebacks
+
+def test_out_that_is_a_file(tmp_path, capsys):
+    target = tmp_path / "notes.txt"
+    target.write_text("keep me")
+    code, err = run_main(capsys, train_args(tmp_path, target))
+    assert_user_error(code, err, "--out", target)
+    assert target.read_text() == "keep me"
+
+
+def test_out_in_an_unwritable_place(tmp_path, capsys):
+    blocker = tmp_path / "file"
+    blocker.write_text("keep me")
+    code, err = run_main(capsys, train_args(tmp_path, blocker / "run"))
+    assert_user_error(code, err, "--out", blocker / "run")
+    assert blocker.read_text() == "keep me"
+
+
+def test_out_permission_denied(tmp_path, capsys, monkeypatch):
+    """As root chmod does not stop writes, so the refusal is simulated where the folder is made."""
+    real_mkdir = Path.mkdir
+
+    def denied(self, *a, **kw):
+        if self.name == "locked":
+            raise PermissionError(errno.EACCES, "Permission denied", str(self))
+        return real_mkdir(self, *a, **kw)
+    monkeypatch.setattr(Path, "mkdir", denied)
+    code, err = run_main(capsys, train_args(tmp_path, tmp_path / "locked"))
+    assert_user_error(code, err, "--out", "locked", "permission denied")
+
+
+def test_report_output_unwritable(run_copy, tmp_path, capsys):
+    blocker = tmp_path / "file"
+    blocker.write_text("keep me")
+    before = snapshot(run_copy)
+    code, err = run_main(capsys, ["report", run_copy, "--output", blocker / "r.html", "--cases", "0"])
+    assert_user_error(code, err, "--output", blocker)
+    code, err = run_main(capsys, ["report", run_copy, "--output", tmp_path, "--cases", "0"])
+    assert_user_error(code, err, "--output", "is a folder")
+    assert snapshot(run_copy) == before and blocker.read_text() == "keep me"
+
+
+def test_truncated_checkpoint_on_resume(run_copy, capsys):
+    ckpt = run_copy / "checkpoint.pt"
+    ckpt.write_bytes(ckpt.read_bytes()[: ckpt.stat().st_size // 2])
+    before = snapshot(run_copy)
+    code, err = run_main(capsys, ["train", "--resume", run_copy, "--no-progress"])
+    assert_user_error(code, err, ckpt, "truncated or corrupt", "--config")
+    assert "PytorchStreamReader" not in err
+    assert snapshot(run_copy) == before
+
+
+class _Payload:
+    """Pickles to a call that would create a marker file when unpickled."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (self.marker,))
+
+
+def test_pickle_payload_checkpoint_is_refused_without_traceback(run_copy, tmp_path, capsys):
+    marker = tmp_path / "payload-ran"
+    torch.save({"step": 1, "students": {}, "teachers": {}, "optimizers": {}, "x": _Payload(marker)},
+               run_copy / "checkpoint.pt")
+    before = snapshot(run_copy)
+    code, err = run_main(capsys, ["train", "--resume", run_copy, "--no-progress"])
+    assert_user_error(code, err, run_copy / "checkpoint.pt", "refuses")
+    assert "weights_only" not in err
+    assert not marker.exists() and snapshot(run_copy) == before
+
+
+def test_random_bytes_as_foundation_checkpoint(tmp_path, capsys):
+    weights = tmp_path / "weights.pth"
+    weights.write_bytes(np.random.default_rng(0).integers(0, 256, 4096, dtype=np.uint8).tobytes())
+    out = tmp_path / "run"
+    code, err = run_main(capsys, ["train", "--config", tiny_config(tmp_path), "--out", out, "--iters", "2",
+                                  *TINY, "--method", "suponly-foundation", "--checkpoint", weights])
+    assert_user_error(code, err, weights)
+    assert "weights_only" not in err
+    assert not out.exists()
+
+
+def _disk_fills_on_second_save(monkeypatch, failure: BaseException):
+    """torch.save writes the first checkpoint, then fails part-way through the second."""
+    real_save, calls = torch.save, []
+
+    def save(obj, path, *a, **kw):
+        calls.append(path)
+        if len(calls) == 1:
+            return real_save(obj, path, *a, **kw)
+        Path(path).write_bytes(b"partial" * 1000)
+        raise failure
+    monkeypatch.setattr(train_module.torch, "save", save)
+    return calls
+
+
+@pytest.mark.parametrize("failure", [
+    OSError(errno.ENOSPC, "No space left on device"),
+    RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 40960 vs 40918"),
+])
+def test_disk_full_while_checkpointing(tmp_path, capsys, monkeypatch, failure):
+    calls = _disk_fills_on_second_save(monkeypatch, failure)
+    if isinstance(failure, RuntimeError):  # PyTorch gives no errno: the free space decides
+        monkeypatch.setattr(shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(10**9, 10**9, 0))
+    out = tmp_path / "run"
+    code, err = run_main(capsys, train_args(tmp_path, out, iters=4, checkpoint_every=1))
+    assert_user_error(code, err, f"no space left on {out}", "previous checkpoint.pt is kept")
+    assert len(calls) == 2
+    assert not (out / "checkpoint.pt.tmp").exists()
+    assert torch.load(out / "checkpoint.pt", weights_only=True)["step"] == 1  # the previous one survived
+
+
+def test_disk_full_writing_the_final_weights_keeps_the_checkpoint(tmp_path, capsys, monkeypatch):
+    from safetensors import torch as st
+
+    def full(tensors, filename, metadata=None):
+        Path(filename).write_bytes(b"partial")
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(st, "save_file", full)
+    out = tmp_path / "run"
+    code, err = run_main(capsys, train_args(tmp_path, out, iters=2))
+    assert_user_error(code, err, f"no space left on {out}", "--resume")
+    assert not list(out.glob("*.tmp"))
+    assert torch.load(out / "checkpoint.pt", weights_only=True)["step"] == 2
+    monkeypatch.undo()
+    code, err = run_main(capsys, ["train", "--resume", out, "--no-progress"])  # space freed: it finishes
+    assert code == 0, err
+    assert (out / "summary.json").is_file()
+
+
+def test_predict_into_unwritable_folder_is_one_error(run_copy, tmp_path, capsys):
+    inputs = tmp_path / "in"
+    for k in range(3):
+        save_png(inputs / f"scan{k}.png", np.full((20, 20), 40 * k, np.uint8))
+    blocker = tmp_path / "file"
+    blocker.write_text("keep me")
+    code, err = run_main(capsys, ["predict", "--run", run_copy, "--input", inputs, "--output", blocker / "masks",
+                                  "--device", "cpu", "--no-progress"])
+    assert_user_error(code, err, "--output", blocker / "masks")
+    assert "skipped" not in err and len(err.strip().splitlines()) == 1
+
+
+def test_predict_disk_full_midway_is_one_error(run_copy, tmp_path, capsys, monkeypatch):
+    inputs = tmp_path / "in"
+    for k in range(3):
+        save_png(inputs / f"scan{k}.png", np.full((20, 20), 40 * k, np.uint8))
+    real_save, saved = Image.Image.save, []
+
+    def save(self, fp, *a, **kw):
+        if str(fp).startswith(str(tmp_path / "masks")) and saved:
+            raise OSError(errno.ENOSPC, "No space left on device", str(fp))
+        saved.append(fp)
+        return real_save(self, fp, *a, **kw)
+    monkeypatch.setattr(Image.Image, "save", save)
+    code, err = run_main(capsys, ["predict", "--run", run_copy, "--input", inputs, "--output", tmp_path / "masks",
+                                  "--device", "cpu", "--no-progress"])
+    assert_user_error(code, err, "--output", "no space left", "1 mask(s) were written")
+    assert "skipped" not in err
+    assert (tmp_path / "masks" / "scan0.png").is_file()
