@@ -307,3 +307,180 @@ def test_predict_disk_full_midway_is_one_error(run_copy, tmp_path, capsys, monke
     assert_user_error(code, err, "--output", "no space left", "1 mask(s) were written")
     assert "skipped" not in err
     assert (tmp_path / "masks" / "scan0.png").is_file()
+
+
+# ============================================================================= 3. kills and Ctrl-C
+
+def test_checkpoint_interval_scales_with_the_run():
+    from synfoc.config import TrainConfig
+    from synfoc.train import checkpoint_interval
+    assert checkpoint_interval(TrainConfig(iters=40)) == 2          # the demo killed at 20/40 keeps 9/20 of it
+    assert checkpoint_interval(TrainConfig(iters=200)) == 10
+    assert checkpoint_interval(TrainConfig(iters=30000)) == 1000
+    assert checkpoint_interval(TrainConfig(iters=3)) == 1
+    assert checkpoint_interval(TrainConfig(iters=30000, checkpoint_every=7)) == 7
+
+
+def _saved_steps(monkeypatch) -> list[int]:
+    steps, real = [], train_module.atomic_save
+
+    def record(obj, path):
+        steps.append(obj["step"])
+        real(obj, path)
+    monkeypatch.setattr(train_module, "atomic_save", record)
+    return steps
+
+
+def test_checkpoint_every_on_the_command_line(tmp_path, capsys, monkeypatch):
+    steps = _saved_steps(monkeypatch)
+    code, err = run_main(capsys, [*train_args(tmp_path, tmp_path / "run", iters=5), "--checkpoint-every", "2"])
+    assert code == 0, err
+    assert steps == [2, 4, 5]
+
+
+def test_wall_time_also_triggers_a_checkpoint(tmp_path, capsys, monkeypatch):
+    steps = _saved_steps(monkeypatch)
+    monkeypatch.setattr(train_module, "CHECKPOINT_SECONDS", 0.0)  # "ten minutes" pass every iteration
+    code, err = run_main(capsys, train_args(tmp_path, tmp_path / "run", iters=3, checkpoint_every=100))
+    assert code == 0, err
+    assert steps == [1, 2, 3]
+
+
+def test_ctrl_c_writes_a_checkpoint_and_says_so(tmp_path, capsys, monkeypatch):
+    out = tmp_path / "run"
+    monkeypatch.setenv("SYNFOC_INTERRUPT_AT_STEP", "1")  # SIGINT to this process before iteration 2
+    code, err = run_main(capsys, train_args(tmp_path, out, iters=4, checkpoint_every=100))
+    assert code == 130 and "Traceback" not in err
+    assert "checkpoint of iteration 2" in err and f"--resume {out}" in err
+    assert torch.load(out / "checkpoint.pt", weights_only=True)["step"] == 2
+    monkeypatch.delenv("SYNFOC_INTERRUPT_AT_STEP")
+    code, err = run_main(capsys, ["train", "--resume", out, "--no-progress"])
+    assert code == 0, err
+    steps = [json.loads(line)["step"] for line in (out / "history.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4]
+
+
+def test_ctrl_c_before_any_checkpoint_tells_the_truth(tmp_path, capsys, monkeypatch):
+    def interrupted(*a, **kw):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(train_module, "load_arrays", interrupted)  # Ctrl-C while the data loads
+    out = tmp_path / "run"
+    code, err = run_main(capsys, train_args(tmp_path, out))
+    assert code == 130 and "Traceback" not in err
+    assert "no checkpoint was written" in err and "kept" not in err
+    assert not out.exists()
+
+
+def test_second_ctrl_c_stops_at_once_and_tells_the_truth(tmp_path, capsys, monkeypatch):
+    """A second SIGINT inside the iteration (here: inside the loss) stops without a checkpoint."""
+    import signal
+    monkeypatch.setenv("SYNFOC_INTERRUPT_AT_STEP", "0")
+    real_views = train_module.make_views
+
+    def views_then_ctrl_c(*a, **kw):
+        os.kill(os.getpid(), signal.SIGINT)  # the first one was handled; this one interrupts
+        return real_views(*a, **kw)
+    monkeypatch.setattr(train_module, "make_views", views_then_ctrl_c)
+    out = tmp_path / "run"
+    code, err = run_main(capsys, train_args(tmp_path, out, iters=4, checkpoint_every=100))
+    assert code == 130 and "Traceback" not in err
+    assert "before any checkpoint was written" in err and "nothing to resume" in err
+    assert not out.exists()
+
+
+def test_resume_after_kill_has_no_duplicated_steps_and_time_continues(tmp_path):
+    out = tmp_path / "run"
+    args = [sys.executable, "-m", "synfoc", *map(str, train_args(tmp_path, out, iters=5, checkpoint_every=2))]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    killed = subprocess.run(args, capture_output=True, text=True, timeout=600,
+                            env={**env, "SYNFOC_FAULT_AT_STEP": "3"})
+    assert killed.returncode != 0
+    before = [json.loads(line) for line in (out / "history.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in before] == [1, 2, 3]  # step 3 was logged after the checkpoint of 2
+    resumed = subprocess.run([sys.executable, "-m", "synfoc", "train", "--resume", str(out), "--no-progress"],
+                             capture_output=True, text=True, timeout=600, env=env)
+    assert resumed.returncode == 0, resumed.stderr
+    rows = [json.loads(line) for line in (out / "history.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4, 5]
+    times = [r["time"] for r in rows]
+    assert times == sorted(times) and times[2] >= before[1]["time"]
+    assert rows[:2] == before[:2]  # rows up to the checkpoint are kept as they were
+
+
+# ============================================================================= 4. run folders from anywhere
+
+def test_run_folder_works_from_anywhere_and_after_the_data_moved(tmp_path, capsys, monkeypatch):
+    data = folder_dataset(tmp_path / "start" / "data")
+    monkeypatch.chdir(tmp_path / "start")
+    out = tmp_path / "start" / "run"
+    code, err = run_main(capsys, ["train", "--dataset", "data", "--labeled-domain", "siteA", "--out", "run",
+                                  "--iters", "2", "--checkpoint-every", "1", *TINY])
+    assert code == 0, err
+    import yaml
+    stored = yaml.safe_load((out / "config.yaml").read_text())["dataset"]
+    assert Path(stored).is_absolute() and Path(stored) == data.resolve()
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    code, err = run_main(capsys, ["evaluate", out, "--device", "cpu"])
+    assert code == 0, err
+
+    moved = tmp_path / "moved"
+    shutil.move(str(data), str(moved))
+    code, err = run_main(capsys, ["evaluate", out, "--device", "cpu"])
+    assert_user_error(code, err, stored, "--dataset")
+    code, err = run_main(capsys, ["evaluate", out, "--device", "cpu", "--dataset", moved])
+    assert code == 0, err
+    code, err = run_main(capsys, ["train", "--resume", out, "--dataset", moved, "--device", "cpu",
+                                  "--iters", "3", "--no-progress"])
+    assert code == 0, err
+    assert yaml.safe_load((out / "config.yaml").read_text())["dataset"] == str(moved.resolve())
+    masks = tmp_path / "masks"
+    code, err = run_main(capsys, ["predict", "--run", out, "--input", moved / "siteA" / "test" / "images",
+                                  "--output", masks, "--device", "cpu", "--no-progress", "--dataset", moved])
+    assert code == 0, err
+    assert len(list(masks.glob("*.png"))) == 3
+
+
+def test_other_data_is_refused_on_resume_and_evaluate(run_copy, tmp_path, capsys):
+    other = folder_dataset(tmp_path / "other")
+    before = snapshot(run_copy)
+    code, err = run_main(capsys, ["train", "--resume", run_copy, "--dataset", other, "--no-progress"])
+    assert_user_error(code, err, other, "labeled.txt", "siteA/siteA_train_000")
+    code, err = run_main(capsys, ["evaluate", run_copy, "--dataset", other, "--device", "cpu"])
+    assert_user_error(code, err, other, "missing")
+    assert snapshot(run_copy) == before
+
+
+def test_resume_refuses_settings_that_define_the_run(run_copy, capsys):
+    code, err = run_main(capsys, ["train", "--resume", run_copy, "--unet-width", "8"])
+    assert_user_error(code, err, "--unet-width", "--dataset", "--device")
+
+
+def test_reusing_out_of_a_run_without_checkpoint_is_refused(tmp_path, capsys):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "config.yaml").write_text("iters: 7\n")
+    (out / "history.jsonl").write_text('{"step": 1}\n')
+    before = snapshot(out)
+    code, err = run_main(capsys, train_args(tmp_path, out))
+    assert_user_error(code, err, out, "config.yaml", "history.jsonl")
+    assert snapshot(out) == before
+
+
+def test_reusing_out_of_a_finished_run_is_refused(run_copy, tmp_path, capsys):
+    before = snapshot(run_copy)
+    code, err = run_main(capsys, train_args(tmp_path, run_copy))
+    assert_user_error(code, err, run_copy, "--resume")
+    assert snapshot(run_copy) == before
+
+
+def test_failed_start_leaves_no_run_folder(tmp_path, capsys):
+    out = tmp_path / "run"
+    code, err = run_main(capsys, [*train_args(tmp_path, out), "--labeled-domain", "nowhere"])
+    assert_user_error(code, err, "nowhere")
+    assert not out.exists()
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    code, err = run_main(capsys, [*train_args(tmp_path, empty), "--labeled-domain", "nowhere"])
+    assert code == 2 and empty.is_dir() and not list(empty.iterdir())
