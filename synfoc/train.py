@@ -31,6 +31,7 @@ from torch import nn
 
 from synfoc.augment import AugmentConfig, box_mask, draw_boxes, draw_strong, strong, warp, weak_grid
 from synfoc.config import TrainConfig, validate
+from synfoc.cpu import cpu_has_bf16
 from synfoc.data.base import DataError, DatasetIndex, Problem
 from synfoc.errors import Interrupted, TrainingError, os_error_message, torch_load_reason
 from synfoc.method.baselines import SingleModel, models_of
@@ -60,15 +61,6 @@ class Runtime:
         if self.dtype is None:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=self.dtype)
-
-
-def cpu_has_bf16() -> bool:
-    """AMX or AVX512-BF16: the CPUs on which bf16 autocast is much faster than fp32."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return "amx_bf16" in flags or "avx512_bf16" in flags
 
 
 # glibc's mallopt parameters (<malloc.h>)
@@ -123,14 +115,19 @@ def make_runtime(cfg: TrainConfig) -> Runtime:
         device = torch.device("cuda", local)
     else:
         device = torch.device("cpu")
-    if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if use_cuda else "gloo")
+    # bf16 on the CPU only where the CPU has bf16 arithmetic: elsewhere PyTorch runs bf16 on
+    # emulating or reference kernels, slower than fp32, so asking for it there is refused.
     if cfg.precision == "fp32":
         dtype = None
-    elif cfg.precision == "bf16" or use_cuda or cpu_has_bf16():
+    elif use_cuda or cpu_has_bf16():
         dtype = torch.bfloat16
+    elif cfg.precision == "bf16":
+        raise TrainingError("--precision bf16: this CPU has no bf16 support (needs AVX512-BF16 or AMX); "
+                            "use --precision auto or fp32")
     else:
         dtype = None
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if use_cuda else "gloo")
     return Runtime(device, dtype, rank, world, keeps_freed_memory=not use_cuda and keep_freed_memory())
 
 

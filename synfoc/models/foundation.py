@@ -344,7 +344,8 @@ class TinyViTWindowAttention(nn.Module):
 class TinyViTMlp(nn.Module):
     """TinyViT's ``Mlp`` (LayerNorm, linear, exact GELU, linear; same submodules and parameter
     names) whose first linear layer applies the GELU inside its matmul when nothing is
-    differentiated (the EMA teacher under CPU bf16 autocast: :func:`synfoc.models.fused.linear`)."""
+    differentiated (the EMA teacher under CPU bf16 autocast, where oneDNN has bf16 kernels:
+    :func:`synfoc.models.fused.linear`)."""
 
     def __init__(self, mlp: nn.Module) -> None:
         super().__init__()

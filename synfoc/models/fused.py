@@ -10,7 +10,9 @@
   product over the unfolded input.
 
 They spare passes over activations or slow oneDNN paths, which dominate CPU time at full input
-resolution.
+resolution. oneDNN's fused operators are called only where :func:`synfoc.cpu.onednn_kernels` says they
+run on this CPU in the tensors' dtype (bf16 needs AVX-512 BW/VL/DQ, AVX-NE-CONVERT or AMX); elsewhere
+the same function is computed by the plain PyTorch operators, which choose a kernel by themselves.
 """
 
 from __future__ import annotations
@@ -18,6 +20,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from .. import cpu
 
 
 def fold_batchnorm(weight: torch.Tensor, bn: nn.BatchNorm2d) -> tuple[torch.Tensor, torch.Tensor]:
@@ -28,6 +32,7 @@ def fold_batchnorm(weight: torch.Tensor, bn: nn.BatchNorm2d) -> tuple[torch.Tens
 
 
 # oneDNN's fused convolution ops (what torch.compile's CPU backend uses); absent from builds without it.
+# Whether this CPU runs them in the input's dtype is asked at each call (synfoc.cpu).
 _POINTWISE = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_convolution_pointwise")
 
 
@@ -35,9 +40,10 @@ def conv_pointwise(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, co
                    activation: str | None = None, residual: torch.Tensor | None = None) -> torch.Tensor:
     """``activation(conv(x) + bias [+ residual])`` with ``activation`` None or "gelu" (exact),
     in ``x``'s dtype, without autograd. On the CPU the activation (or the residual add) runs inside
-    oneDNN's convolution; elsewhere it is the plain sequence of operations."""
+    oneDNN's convolution where this CPU has oneDNN kernels for ``x``'s dtype; elsewhere it is the
+    plain sequence of operations."""
     weight, bias = weight.to(x.dtype), bias.to(x.dtype)
-    if x.device.type == "cpu" and _POINTWISE:
+    if x.device.type == "cpu" and _POINTWISE and cpu.onednn_kernels(x.dtype):
         args = (weight.contiguous(memory_format=torch.channels_last), bias, list(conv.padding), list(conv.stride),
                 list(conv.dilation), conv.groups)
         if residual is None:
@@ -87,14 +93,15 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, gel
     """``F.linear(x, weight, bias)`` (followed by the exact GELU if ``gelu``), the same values and
     gradients.
 
-    Where it would run in bf16 on the CPU (under bf16 autocast, or on bf16 tensors), the bias is
-    added inside oneDNN's matrix product. ``F.linear`` there first copies the bias into every row of
-    the output and then accumulates the product onto it, one more pass over the output: TinyViT's
-    linear layers at batch 4 took 1.6-1.7x as long that way (the first MLP layer of stage 2,
-    65536x128 -> 512: 22.0 ms vs 12.9 ms on the 2-core Xeon, ``benchmarks/kernels.py``).
+    Where it would run in bf16 on the CPU (under bf16 autocast, or on bf16 tensors) and the CPU has
+    oneDNN's bf16 kernels, the bias is added inside oneDNN's matrix product. ``F.linear`` there first
+    copies the bias into every row of the output and then accumulates the product onto it, one more
+    pass over the output: TinyViT's linear layers at batch 4 took 1.6-1.7x as long that way (the
+    first MLP layer of stage 2, 65536x128 -> 512: 22.0 ms vs 12.9 ms on the 2-core Xeon,
+    ``benchmarks/kernels.py``).
     """
     if (bias is None or x.device.type != "cpu" or not _LINEAR_POINTWISE
-            or autocast_dtype(x) != torch.bfloat16 or x.ndim < 2):
+            or autocast_dtype(x) != torch.bfloat16 or x.ndim < 2 or not cpu.onednn_kernels(torch.bfloat16)):
         y = F.linear(x, weight, bias)
         return F.gelu(y) if gelu else y
     bf16 = torch.bfloat16
@@ -150,7 +157,8 @@ class Conv3x3(nn.Conv2d):
     gradient with the unfolded input. oneDNN's weight gradient is slow there: forward + backward of
     the U-Net's 1024 -> 1024 convolution at 16x16, batch 4, 188.8 ms vs 156.3 ms, and of the
     512 -> 1024 one 89.9 vs 79.3 ms on the 2-core Xeon (``benchmarks/kernels.py``); at 32x32 and
-    above oneDNN's weight gradient was as fast or faster (RESULTS.md, stops 12-15)."""
+    above oneDNN's weight gradient was as fast or faster (RESULTS.md, stops 12-15). It calls only
+    public operators, which pick a kernel the CPU has, so it needs no CPU check."""
 
     def __init__(self, cin: int, cout: int) -> None:
         super().__init__(cin, cout, 3, padding=1, bias=False)

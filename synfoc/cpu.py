@@ -1,0 +1,75 @@
+"""What this CPU can compute, so that each faster path is taken only where it can run.
+
+Two separate questions:
+
+* :func:`cpu_has_bf16`: does the CPU do bf16 arithmetic in hardware (AMX-BF16 or AVX512-BF16)?
+  Only there is bf16 autocast faster than fp32, so ``--precision auto`` picks bf16 there and
+  ``--precision bf16`` is refused elsewhere (:func:`synfoc.train.make_runtime`).
+* :func:`onednn_kernels`: can oneDNN's fused operators (``torch.ops.mkldnn._convolution_pointwise``,
+  ``_linear_pointwise``, used by :mod:`synfoc.models.fused`) run in a given dtype? Unlike the public
+  PyTorch operators, which pick another kernel by themselves, these raise where oneDNN has no
+  kernel, e.g. bf16 on a CPU without AVX-512 BW/VL/DQ. Callers fall back to the plain operators.
+
+Both are answered at call time, so a model built or saved on one machine computes correctly when it
+is loaded on another; the answers are cached per process, since the CPU does not change under it.
+"""
+
+from __future__ import annotations
+
+import functools
+import platform
+from pathlib import Path
+
+import torch
+
+# The instruction sets oneDNN's bf16 kernels need (oneDNN's avx512_core, avx2_vnni_2 or AMX), as the
+# skip reasons and messages name them.
+ONEDNN_BF16_ISAS = "AVX-512 BW/VL/DQ, AVX-NE-CONVERT or AMX"
+
+
+@functools.cache
+def cpu_flags() -> frozenset[str]:
+    """The x86 feature flags of the first CPU in ``/proc/cpuinfo``; empty where there is no such file
+    (not Linux) or no ``flags`` line (not x86)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return frozenset()
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() == "flags":
+            return frozenset(value.split())
+    return frozenset()
+
+
+def cpu_has_bf16() -> bool:
+    """AMX-BF16 or AVX512-BF16: the CPUs on which bf16 autocast is much faster than fp32."""
+    return bool({"amx_bf16", "avx512_bf16"} & cpu_flags())
+
+
+@functools.cache
+def _onednn_fused_ops() -> bool:
+    """oneDNN is built in and has the fused operators, on x86-64: the fusions were written and checked
+    against oneDNN's x86 kernels; on other CPUs the plain operators run."""
+    return (platform.machine().lower() in ("x86_64", "amd64")
+            and torch.backends.mkldnn.is_available()
+            and hasattr(torch.ops.mkldnn, "_convolution_pointwise")
+            and hasattr(torch.ops.mkldnn, "_linear_pointwise"))
+
+
+@functools.cache
+def onednn_bf16() -> bool:
+    """Whether oneDNN has bf16 kernels on this CPU, as oneDNN itself reports it: it needs
+    AVX-512 BW/VL/DQ, AVX-NE-CONVERT or AMX (and honours ``ONEDNN_MAX_CPU_ISA``, which can cap it)."""
+    return _onednn_fused_ops() and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
+def onednn_kernels(dtype: torch.dtype) -> bool:
+    """Whether oneDNN's fused operators can run on CPU tensors of ``dtype`` here: fp32 wherever they
+    exist, bf16 where :func:`onednn_bf16`; never while oneDNN is switched off
+    (``torch.backends.mkldnn.enabled = False``)."""
+    if not torch.backends.mkldnn.enabled:
+        return False
+    if dtype == torch.float32:
+        return _onednn_fused_ops()
+    return dtype == torch.bfloat16 and onednn_bf16()
