@@ -64,16 +64,25 @@ def evaluate_students(students: dict[str, nn.Module], index, cfg, device, autoca
             images = loaded.arrays[input_sizes[kind]][0]
             pred = predict_labels(model, images, size, device, autocast).numpy()
             per_case = batch_multiclass_metrics(pred, truth, index.report_parts)
-            for case, metrics in zip(cases, per_case):
+            present = {part: (np.isin(truth, values).any(axis=(1, 2)), np.isin(pred, values).any(axis=(1, 2)))
+                       for part, values in index.report_parts}
+            for i, (case, metrics) in enumerate(zip(cases, per_case)):
                 for part, values in metrics.items():
                     rows.append({"student": kind, "domain": domain, "case": case.name, "class": part,
-                                 **{m: float(values[m]) for m in METRIC_NAMES}})
+                                 **{m: float(values[m]) for m in METRIC_NAMES},
+                                 "truth_present": int(present[part][0][i]), "pred_present": int(present[part][1][i])})
     return rows
 
 
 def summarise(rows: list[dict], cfg, index, selection: str = "final") -> dict:
     """The summary.json schema: per student, per-domain means (mean over parts of the mean over
-    images) with per-class values inside, and the unweighted mean over domains."""
+    images) with per-class values inside, and the unweighted mean over domains.
+
+    Each class carries ``truth_cases`` / ``pred_cases``, the test cases it is present in. A class
+    absent from both the prediction and the truth of every test case of a domain scores a perfect
+    "nothing here" on each of them; it is left out of that domain's mean and listed under
+    ``absent_classes`` (unless no class is present at all), so that classes a domain never shows
+    cannot lift its mean."""
     students = {}
     for kind in dict.fromkeys(r["student"] for r in rows):
         per_domain = {}
@@ -85,9 +94,18 @@ def summarise(rows: list[dict], cfg, index, selection: str = "final") -> dict:
             for part, _ in index.report_parts:
                 prow = [r for r in drows if r["class"] == part]
                 classes[part] = {m: float(np.mean([r[m] for r in prow])) for m in METRIC_NAMES}
-            per_domain[domain] = {m: float(np.mean([c[m] for c in classes.values()])) for m in METRIC_NAMES}
+                classes[part]["truth_cases"] = sum(int(r.get("truth_present", 1)) for r in prow)
+                classes[part]["pred_cases"] = sum(int(r.get("pred_present", 1)) for r in prow)
+            absent = [p for p, c in classes.items() if c["truth_cases"] == 0 and c["pred_cases"] == 0]
+            counted = [c for p, c in classes.items() if p not in absent] or list(classes.values())
+            per_domain[domain] = {m: float(np.mean([c[m] for c in counted])) for m in METRIC_NAMES}
+            per_domain[domain]["cases"] = len({r["case"] for r in drows})
+            if absent and len(counted) < len(classes):
+                per_domain[domain]["absent_classes"] = absent
             if len(classes) > 1:
                 per_domain[domain]["classes"] = classes
+            else:
+                per_domain[domain].update({k: v for k, v in classes[part].items() if k.endswith("_cases")})
         mean = {m: float(np.mean([d[m] for d in per_domain.values()])) for m in METRIC_NAMES}
         students[kind] = {"per_domain": per_domain, "mean": mean}
     return {"method": cfg.method, "iterations": cfg.iters, "selection": selection,
@@ -104,6 +122,11 @@ def markdown_table(summary: dict, domains: list[str]) -> str:
         m = res["mean"]
         lines.append(f"| {summary['method']} ({names.get(kind, kind)}) | " + " | ".join(cells)
                      + f" | {100 * m['dice']:.2f} | {100 * m['jaccard']:.2f} | {m['hd95']:.2f} | {m['asd']:.2f} |")
+    absent = {d: res["per_domain"][d]["absent_classes"] for res in summary["students"].values()
+              for d in domains if "absent_classes" in res["per_domain"].get(d, {})}
+    if absent:
+        lines.append("\nLeft out of the domain means (absent from prediction and truth in every test case): "
+                     + "; ".join(f"{d}: {', '.join(c)}" for d, c in absent.items()))
     return "\n".join(lines) + "\n"
 
 
@@ -113,7 +136,8 @@ def write_evaluation(rows: list[dict], out: Path, cfg, index, selection: str = "
     suffix = "" if selection == "final" else f"_{selection}"
     (out / f"summary{suffix}.json").write_text(json.dumps(summary, indent=2))
     with (out / f"per_case{suffix}.csv").open("w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=["student", "domain", "case", "class", *METRIC_NAMES])
+        writer = csv.DictWriter(fh, fieldnames=["student", "domain", "case", "class", *METRIC_NAMES,
+                                                "truth_present", "pred_present"], extrasaction="ignore")
         writer.writeheader()
         writer.writerows(rows)
     title = "final students" if selection == "final" else "students selected ON THE TEST SETS (optimistic)"

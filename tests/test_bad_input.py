@@ -484,3 +484,86 @@ def test_failed_start_leaves_no_run_folder(tmp_path, capsys):
     empty.mkdir()
     code, err = run_main(capsys, [*train_args(tmp_path, empty), "--labeled-domain", "nowhere"])
     assert code == 2 and empty.is_dir() and not list(empty.iterdir())
+
+
+# ============================================================================= 1. masks that invent classes
+
+def _check(capsys, path) -> tuple[int, str]:
+    capsys.readouterr()
+    code = main(["data", "check", str(path)])
+    return code, capsys.readouterr().out
+
+
+def test_jpeg_mask_is_flagged_by_data_check_and_train(tmp_path, capsys):
+    data = folder_dataset(tmp_path / "data")
+    png = data / "siteA" / "train" / "masks" / "case2.png"
+    jpeg = png.with_suffix(".jpg")
+    Image.open(png).save(jpeg, quality=75)
+    png.unlink()
+    code, out = _check(capsys, data)
+    assert code == 1 and str(jpeg) in out and "JPEG" in out and "no problems found" not in out
+    run = tmp_path / "run"
+    code, err = run_main(capsys, ["train", "--dataset", data, "--labeled-domain", "siteA", "--out", run,
+                                  "--iters", "2", *TINY])
+    assert_user_error(code, err, jpeg, "JPEG")
+    assert not run.exists()
+
+
+def test_mixed_0_1_and_0_255_masks_are_flagged(tmp_path, capsys):
+    data = folder_dataset(tmp_path / "data")
+    odd = [data / "siteB" / "train" / "masks" / f"case{k}.png" for k in (0, 1)]
+    for path in odd:
+        save_png(path, (np.asarray(Image.open(path)) > 0).astype(np.uint8))
+    code, out = _check(capsys, data)
+    assert code == 1
+    for path in odd:
+        assert f"{path}: label values {{1}} differ from the {{255}}" in out
+    code, err = run_main(capsys, ["train", "--dataset", data, "--labeled-domain", "siteA", "--out",
+                                  tmp_path / "run", "--iters", "2", *TINY])
+    assert_user_error(code, err, odd[0], "dataset.json")
+
+
+def test_mask_with_many_rare_values_is_flagged(tmp_path, capsys):
+    data = folder_dataset(tmp_path / "data")
+    path = data / "siteA" / "test" / "masks" / "case0.png"
+    mask = np.asarray(Image.open(path)).copy()
+    mask[8, 6:12] = [1, 2, 3, 250, 252, 254]  # the fringe a lossy save leaves along an edge
+    save_png(path, mask)
+    code, out = _check(capsys, data)
+    assert code == 1 and f"{path}: mask looks lossy-compressed" in out
+
+
+def test_declared_labels_allow_masks_without_every_class(tmp_path, capsys):
+    data = folder_dataset(tmp_path / "data", value=1)
+    path = data / "siteA" / "train" / "masks" / "case0.png"
+    mask = np.asarray(Image.open(path)).copy()
+    mask[0:4, 0:4] = 2
+    save_png(path, mask)
+    code, out = _check(capsys, data)
+    assert code == 1 and "differ from" in out  # discovered: {1, 2} beside {1} is suspicious
+    (data / "dataset.json").write_text(json.dumps({"labels": {"background": 0, "a": 1, "b": 2}}))
+    code, out = _check(capsys, data)
+    assert code == 0 and "no problems found" in out
+
+
+def test_classes_absent_from_prediction_and_truth_leave_the_mean(tmp_path):
+    from synfoc.config import TrainConfig
+    from synfoc.data.base import DatasetIndex
+    from synfoc.evaluate import markdown_table, summarise
+    index = DatasetIndex("folder", None, ["lesion", "ghost"], ["A"], 1, [])
+    rows = []
+    for case, lesion_dice in (("c0", 0.2), ("c1", 0.4)):
+        rows.append({"student": "unet", "domain": "A", "case": case, "class": "lesion", "dice": lesion_dice,
+                     "jaccard": 0.1, "hd95": 5.0, "asd": 1.0, "truth_present": 1, "pred_present": 1})
+        rows.append({"student": "unet", "domain": "A", "case": case, "class": "ghost", "dice": 1.0,
+                     "jaccard": 1.0, "hd95": 0.0, "asd": 0.0, "truth_present": 0, "pred_present": 0})
+    summary = summarise(rows, TrainConfig(), index)
+    domain = summary["students"]["unet"]["per_domain"]["A"]
+    assert domain["dice"] == pytest.approx(0.3)  # not (0.3 + 1) / 2
+    assert domain["absent_classes"] == ["ghost"]
+    assert domain["classes"]["lesion"]["truth_cases"] == 2 and domain["classes"]["ghost"]["truth_cases"] == 0
+    assert "ghost" in markdown_table(summary, ["A"])
+    rows[-1]["pred_present"] = 1  # predicted somewhere: a false positive, so it counts again
+    rows[-1]["dice"] = 0.0
+    domain = summarise(rows, TrainConfig(), index)["students"]["unet"]["per_domain"]["A"]
+    assert "absent_classes" not in domain and domain["dice"] == pytest.approx((0.3 + 0.5) / 2)

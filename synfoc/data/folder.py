@@ -261,22 +261,81 @@ def _infer_channels(cases: list[Case]) -> int:
     return 1
 
 
-def _discover_values(cases: list[Case], axis: int) -> tuple[list[int], list[Problem]]:
-    """All mask values found, each mask file decoded once."""
-    values: set[int] = set()
+# A mask whose foreground has at least this many values, most of them on under RARE_SHARE of its
+# foreground pixels each, looks lossy-compressed: label maps have a few large regions, not a fringe
+# of rare values around every edge.
+LOSSY_MIN_VALUES, RARE_SHARE = 4, 0.01
+
+
+def _value_counts(data: np.ndarray) -> dict[int, int]:
+    if data.dtype == np.uint8:
+        counts = np.bincount(data.ravel(), minlength=256)
+        return {int(v): int(counts[v]) for v in np.flatnonzero(counts)}
+    values, counts = np.unique(data, return_counts=True)
+    return {int(v): int(c) for v, c in zip(values, counts)}
+
+
+def _show(values) -> str:
+    values = sorted(values)
+    return "{" + ", ".join(str(v) for v in values[:8]) + (", ..." if len(values) > 8 else "") + "}"
+
+
+def encoding_problems(per_mask: dict[Path, dict[int, int]]) -> list[Problem]:
+    """Masks whose values would invent classes when labels are discovered rather than declared:
+    JPEG files (lossy), value sets that look lossy-compressed (many rare values), and masks whose
+    foreground values differ from those of the other masks (0/1 beside 0/255 gives two classes)."""
     problems: list[Problem] = []
-    seen: set[Path] = set()
+    flagged: set[Path] = set()
+    for path, counts in per_mask.items():
+        fg = {v: n for v, n in counts.items() if v != 0}
+        total = sum(fg.values())
+        rare = [v for v, n in fg.items() if n < RARE_SHARE * total]
+        if path.suffix.lower() in (".jpg", ".jpeg"):
+            problems.append(Problem(str(path), f"JPEG mask: lossy compression invents label values around edges "
+                                    f"({len(fg)} foreground values found, {_show(fg)}); save masks as PNG"))
+            flagged.add(path)
+        elif len(fg) >= LOSSY_MIN_VALUES and len(rare) > len(fg) / 2:
+            problems.append(Problem(str(path), f"mask looks lossy-compressed: {len(fg)} foreground values, "
+                                    f"{len(rare)} of them on under {RARE_SHARE:.0%} of its pixels each "
+                                    f"({_show(rare)}); each value would become a class. Re-save it losslessly, "
+                                    f"or declare the labels in {DATASET_JSON}"))
+            flagged.add(path)
+    groups: dict[frozenset[int], list[Path]] = {}
+    for path, counts in per_mask.items():
+        fg = frozenset(v for v in counts if v != 0)
+        if fg and path not in flagged:
+            groups.setdefault(fg, []).append(path)
+    if len(groups) > 1:
+        common = max(groups, key=lambda k: (len(groups[k]), sorted(k)))
+        example = groups[common][0].name
+        for values, paths in groups.items():
+            if values == common:
+                continue
+            for path in paths:
+                problems.append(Problem(str(path), f"label values {_show(values)} differ from the {_show(common)} "
+                                        f"of {len(groups[common])} other mask(s) (e.g. {example}); with labels "
+                                        "discovered from the masks every distinct value becomes a class. Use one "
+                                        f"encoding in all masks, or declare the labels in {DATASET_JSON}"))
+    return problems
+
+
+def _discover_values(cases: list[Case], axis: int) -> tuple[list[int], list[Problem]]:
+    """All mask values found, each mask file decoded once, and the masks whose values would
+    invent classes (:func:`encoding_problems`)."""
+    per_mask: dict[Path, dict[int, int]] = {}
+    problems: list[Problem] = []
     for case in cases:
-        if case.mask is None or case.mask in seen:
+        if case.mask is None or case.mask in per_mask:
             continue
-        seen.add(case.mask)
         try:
             data = load_volume(case.mask, False, None).data if is_nifti(case.mask) else mask_array(case.mask)
         except FileDataError as exc:
             problems.append(exc.as_problem())
+            per_mask[case.mask] = {}
             continue
-        values.update(int(v) for v in unique_values(data))
-    return sorted(values), problems
+        per_mask[case.mask] = _value_counts(data)
+    values = {v for counts in per_mask.values() for v in counts}
+    return sorted(values), problems + encoding_problems(per_mask)
 
 
 def open_folder(path: Path, slice_axis: int | None = None) -> FolderIndex:
