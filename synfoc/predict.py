@@ -236,9 +236,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def check_writable_folder(folder: Path, option: str) -> None:
-    """Create ``folder`` if needed and write a probe file there, or stop naming ``option``: before
-    any model is loaded, not once per input."""
+    """Stop naming ``option`` unless ``folder`` can be created and written: checked before any
+    model is loaded, not once per input. Folders made for the check are removed again, so a
+    command that fails later leaves nothing behind."""
     from synfoc.errors import os_error_message
+    made = [p for p in (folder, *folder.parents) if not p.exists()]
     try:
         folder.mkdir(parents=True, exist_ok=True)
         probe = folder / ".synfoc-write-test"
@@ -246,6 +248,12 @@ def check_writable_folder(folder: Path, option: str) -> None:
         probe.unlink()
     except OSError as exc:
         raise ValueError(f"{option} {folder}: {os_error_message(exc)}") from None
+    finally:
+        for p in made:  # deepest first
+            try:
+                p.rmdir()
+            except OSError:
+                break
 
 
 def main(args: argparse.Namespace) -> int:

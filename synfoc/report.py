@@ -478,6 +478,7 @@ def write_report(run: Path, output: Path | None = None, per_domain: int = 4, dev
     page = build_html(run, per_domain=per_domain, device=device, dataset=dataset)
     tmp = output.with_name(output.name + ".tmp")
     try:
+        output.parent.mkdir(parents=True, exist_ok=True)
         tmp.write_text(page, encoding="utf-8")
         tmp.replace(output)
     except OSError as exc:

@@ -567,3 +567,148 @@ def test_classes_absent_from_prediction_and_truth_leave_the_mean(tmp_path):
     rows[-1]["dice"] = 0.0
     domain = summarise(rows, TrainConfig(), index)["students"]["unet"]["per_domain"]["A"]
     assert "absent_classes" not in domain and domain["dice"] == pytest.approx((0.3 + 0.5) / 2)
+
+
+# ============================================================================= 6. small things
+
+def test_data_check_does_not_import_torch(tmp_path):
+    folder_dataset(tmp_path / "data", n=1)
+    code = ("import sys; from synfoc.cli import main; rc = main(['data', 'check', sys.argv[1], '--json']); "
+            "print('TORCH' if 'torch' in sys.modules else 'NO-TORCH', rc)")
+    proc = subprocess.run([sys.executable, "-c", code, str(tmp_path / "data")], capture_output=True, text=True,
+                          timeout=120)
+    assert proc.stdout.split()[-2:] == ["NO-TORCH", "0"], proc.stdout + proc.stderr
+
+
+def test_every_option_has_help_and_the_description_is_plain():
+    import argparse
+
+    from synfoc.cli import build_parser
+    parser = build_parser()
+    missing = []
+
+    def walk(p, name):
+        for action in p._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for verb, sub in action.choices.items():
+                    walk(sub, f"{name} {verb}")
+            elif not action.help and not isinstance(action, argparse._HelpAction):
+                missing.append(f"{name} {action.option_strings or action.dest}")
+    walk(parser, "synfoc")
+    assert not missing
+    assert "``" not in parser.format_help() and ":class:" not in parser.format_help()
+    train_help = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices["train"]
+    resume = next(a for a in train_help._actions if "--resume" in a.option_strings)
+    assert "--dataset" in resume.help and "--device" in resume.help
+
+
+def test_readme_lists_every_preset():
+    from synfoc.config import PRESETS
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    line = next(line for line in readme.splitlines() if "--preset prostate|" in line)
+    assert all(name in line for name in PRESETS)
+
+
+def test_weight_files_have_the_ordinary_file_mode(finished_run):
+    umask = os.umask(0)
+    os.umask(umask)
+    expected = 0o666 & ~umask
+    assert (finished_run / "config.yaml").stat().st_mode & 0o777 == expected
+    assert (finished_run / "unet.safetensors").stat().st_mode & 0o777 == expected
+
+
+# ============================================================================= more user errors, one message each
+
+def _scenario(name: str, tmp_path: Path, run: Path) -> tuple[list, list[str]]:
+    """(argv, texts the message must hold) of one bad invocation."""
+    blocker = tmp_path / "file.txt"
+    blocker.write_text("keep me")
+    image = save_png(tmp_path / "in" / "a.png", np.zeros((8, 8), np.uint8))
+    empty = tmp_path / "empty"
+    empty.mkdir(exist_ok=True)
+    data = tmp_path / "data"
+    if name == "config_missing":
+        return ["train", "--config", tmp_path / "nope.yaml"], ["nope.yaml", "not found"]
+    if name == "config_not_yaml":
+        (tmp_path / "bad.yaml").write_text("iters: [1,\n")
+        return ["train", "--config", tmp_path / "bad.yaml"], ["bad.yaml", "YAML"]
+    if name == "config_unknown_setting":
+        (tmp_path / "u.yaml").write_text("iterations: 5\n")
+        return ["train", "--config", tmp_path / "u.yaml"], ["u.yaml", "iterations"]
+    if name == "config_wrong_type":
+        (tmp_path / "t.yaml").write_text("iters: many\n")
+        return ["train", "--config", tmp_path / "t.yaml"], ["iters", "many"]
+    if name == "resume_not_a_run":
+        return ["train", "--resume", empty], [empty, "config.yaml"]
+    if name == "resume_without_checkpoint":
+        (run / "checkpoint.pt").unlink()
+        return ["train", "--resume", run, "--no-progress"], [run, "checkpoint.pt not found"]
+    if name == "resume_with_other_out":
+        return ["train", "--resume", run, "--out", empty], ["--out"]
+    if name == "evaluate_not_a_run":
+        return ["evaluate", empty, "--device", "cpu"], [empty, "config.yaml"]
+    if name == "evaluate_no_test_selection":
+        return ["evaluate", run, "--select-on", "test", "--device", "cpu"], [run, "--eval-every"]
+    if name == "predict_input_missing":
+        return (["predict", "--run", run, "--input", tmp_path / "nothing", "--output", tmp_path / "o"],
+                [tmp_path / "nothing", "not found"])
+    if name == "predict_output_is_a_file":
+        return ["predict", "--run", run, "--input", image, "--output", blocker], ["--output", blocker]
+    if name == "predict_run_without_weights":
+        for f in run.glob("*.safetensors"):
+            f.unlink()
+        return (["predict", "--run", run, "--input", image, "--output", tmp_path / "o", "--device", "cpu"],
+                [run, "no student weights"])
+    if name == "report_not_a_run":
+        return ["report", empty], [empty, "config.yaml"]
+    if name == "dataset_json_malformed":
+        folder_dataset(data, n=1)
+        (data / "dataset.json").write_text("{not json")
+        return ["train", "--dataset", data, "--out", tmp_path / "r", *TINY], [data / "dataset.json", "JSON"]
+    if name == "unpaired_image":
+        folder_dataset(data)
+        (data / "siteA" / "train" / "masks" / "case1.png").unlink()
+        return (["train", "--dataset", data, "--out", tmp_path / "r", *TINY],
+                [data / "siteA" / "train" / "images" / "case1.png", "no mask", "--skip-bad"])
+    raise KeyError(name)
+
+
+SCENARIOS = ["config_missing", "config_not_yaml", "config_unknown_setting", "config_wrong_type",
+             "resume_not_a_run", "resume_without_checkpoint", "resume_with_other_out", "evaluate_not_a_run",
+             "evaluate_no_test_selection", "predict_input_missing", "predict_output_is_a_file",
+             "predict_run_without_weights", "report_not_a_run", "dataset_json_malformed", "unpaired_image"]
+
+
+@pytest.mark.parametrize("name", SCENARIOS)
+def test_user_error_is_one_message(name, run_copy, tmp_path, capsys):
+    argv, texts = _scenario(name, tmp_path, run_copy)
+    before = snapshot(run_copy)
+    code, err = run_main(capsys, argv)
+    assert_user_error(code, err, *texts)
+    assert snapshot(run_copy) == before
+    assert (tmp_path / "file.txt").read_text() == "keep me"
+    assert not (tmp_path / "r").exists() and not (tmp_path / "o").exists()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_cuda_asked_for_without_cuda(tmp_path, capsys):
+    out = tmp_path / "run"
+    code, err = run_main(capsys, [*train_args(tmp_path, out), "--device", "cuda"])
+    assert_user_error(code, err, "--device cuda", "no CUDA")
+    assert not out.exists()
+
+
+def test_skip_bad_leaves_out_a_corrupt_test_case_and_says_so(tmp_path, capsys):
+    data = folder_dataset(tmp_path / "data")
+    bad = data / "siteB" / "test" / "images" / "case1.png"
+    bad.write_bytes(bad.read_bytes()[:60])
+    out = tmp_path / "run"
+    capsys.readouterr()
+    code = main([str(a) for a in ["train", "--dataset", data, "--labeled-domain", "siteA", "--out", out,
+                                  "--iters", "2", "--skip-bad", *TINY]])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    assert "skipping 1 case(s)" in captured.out
+    cases = {line.split(",")[2] for line in (out / "per_case.csv").read_text().splitlines()[1:]
+             if ",siteB," in line}
+    assert cases == {"case0", "case2"}
