@@ -212,7 +212,15 @@ def _train(args) -> int:
     if summary is not None:
         from synfoc.evaluate import markdown_table
         domains = list(next(iter(summary["students"].values()))["per_domain"])
-        print(markdown_table(summary, domains))
+        table = markdown_table(summary, domains)
+        if cfg.baseline and cfg.baseline != cfg.method:  # the same data, sizes, iterations and seed: its rows show what the method adds
+            base_out = out / cfg.baseline
+            print(f"training the baseline {cfg.baseline} with the same settings into {base_out}", flush=True)
+            base = train(cfg.update({"method": cfg.baseline, "baseline": None}, "baseline"), base_out,
+                         resume=(base_out / "checkpoint.pt").is_file(), progress=not args.no_progress)
+            if base is not None:
+                table += "".join(line + "\n" for line in markdown_table(base, domains).splitlines()[2:])
+        print(table)
         print(f"run folder: {out}")
     return 0
 

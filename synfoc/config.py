@@ -33,6 +33,7 @@ class TrainConfig:
     ema_decay: float = 0.99
     teacher_mode: str = "train"           # the published script keeps both teachers in train mode
     recalibrate_bn: bool = True           # U-Net BatchNorm statistics from weak training views at the end
+    baseline: str | None = None           # also train this method (if not --method) with the same settings into RUN/<method>/
     # models
     foundation: str = "litemedsam"
     checkpoint: str | None = None
@@ -163,6 +164,8 @@ def validate(cfg: TrainConfig) -> TrainConfig:
              "[low, high] with 0 < low <= high")
     for name, choices in CHOICES.items():
         need(name, getattr(cfg, name) in choices, f"one of {', '.join(choices)}")
+    if cfg.baseline is not None:
+        need("baseline", cfg.baseline in METHODS, f"one of {', '.join(METHODS)}")
     need("dataset", isinstance(cfg.dataset, str) and cfg.dataset.strip() != "", "a folder or 'synthetic'")
     if bad:
         raise ValueError("; ".join(bad))

@@ -213,3 +213,22 @@ def test_batchnorm_recalibration_is_the_average_over_training_views():
     per_batch = torch.stack([f.var(dim=(0, 2, 3), unbiased=True) for f in feats.split(4)])
     torch.testing.assert_close(first_bn.running_var, per_batch.mean(dim=0), rtol=1e-4, atol=1e-5)
     assert first_bn.momentum == 0.1 and net.training   # momentum and mode restored
+
+
+def test_baseline_is_trained_beside_and_printed(tmp_path, capsys):
+    """``baseline: suponly-unet`` (the demo preset's) trains that method with the same settings into
+    RUN/suponly-unet/ and prints its row under the method's."""
+    cfg = tiny_config(tmp_path, dataset="synthetic", labeled_domain="siteA", baseline="suponly-unet")
+    out = tmp_path / "run"
+    assert main(["train", "--config", str(cfg), "--out", str(out), "--iters", "2", *TINY]) == 0
+    printed = capsys.readouterr().out
+    base = json.loads((out / "suponly-unet" / "summary.json").read_text())
+    assert base["method"] == "suponly-unet" and base["iterations"] == 2
+    rows = [l for l in printed.splitlines() if l.startswith("| synfoc") or l.startswith("| suponly-unet")]
+    assert [r.split(" |")[0] for r in rows] == ["| synfoc (U-Net)", "| synfoc (foundation)", "| suponly-unet (U-Net)"]
+    dice_a = 100 * base["students"]["unet"]["per_domain"]["siteA"]["dice"]
+    assert rows[2].split("|")[2].strip() == f"{dice_a:.2f}"
+    import yaml
+    mine = yaml.safe_load((out / "config.yaml").read_text())
+    theirs = yaml.safe_load((out / "suponly-unet" / "config.yaml").read_text())
+    assert {k for k in mine if mine[k] != theirs[k]} == {"method", "baseline"}
