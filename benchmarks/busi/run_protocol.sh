@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # SynFoC and its baselines on the complete real BUSI set under the CPU protocol of
-# benchmarks/busi/RESULTS.md: 1,000 iterations, LiteMedSAM at 128 + U-Net width 16 at 128, batch
+# benchmarks/results/busi/README.md: 1,000 iterations, LiteMedSAM at 128 + U-Net width 16 at 128, batch
 # 2+2, 64 labels (1/8), both labeled domains, three seeds, the paper's hyperparameters otherwise.
 #
 # Usage: bash benchmarks/busi/run_protocol.sh [SEEDS] [DOMAINS]     (defaults: "1337 1338 1339", "benign malignant")

@@ -70,7 +70,7 @@ def main(out: Path) -> None:
             "Mean ± sample std over the seeds finished (DSC and Jaccard in %, 95HD and ASD in pixels at 128). "
             "Averages over the seeds that have both labeled domains (column `seeds`). Paper: MedSAM ViT-B at "
             "512, U-Net width 64 at 256, 30k iterations, checkpoint chosen on the test set; ours: "
-            "benchmarks/busi/RESULTS.md.\n\n" + table6(rows))
+            "benchmarks/results/busi/README.md.\n\n" + table6(rows))
     (out / "table6.md").write_text(text)
     print(text)
 
