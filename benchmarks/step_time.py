@@ -142,7 +142,7 @@ class FastStep:
         for k in self.students:
             ema_update(self.teachers[k], self.students[k], t, self.cfg.ema_decay)
         if self.trace is not None:  # a host read per iteration: only when a loss trace is asked for
-            self.trace.append({k: float(v) for k, v in logs.items()})
+            self.trace.append({k: float(v) for k, v in logs.items() if v.numel() == 1})  # not per-instance logs
 
 
 class ReferenceRunner:
