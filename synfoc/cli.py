@@ -144,7 +144,7 @@ def prepare_out(out: Path) -> bool:
     checkpoint: its history and events would mix with the new run's) and a place that cannot
     be written.
     """
-    from synfoc.errors import os_error_message
+    from synfoc.errors import os_error_message, probe_write
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {out} is a file, not a folder")
     if (out / "checkpoint.pt").exists():
@@ -155,10 +155,7 @@ def prepare_out(out: Path) -> bool:
                          "nothing to resume there; choose another --out or delete that folder")
     created = not out.exists()
     try:
-        out.mkdir(parents=True, exist_ok=True)
-        probe = out / ".synfoc-write-test"
-        probe.write_text("")
-        probe.unlink()
+        probe_write(out)
     except OSError as exc:
         raise ValueError(f"--out {out}: {os_error_message(exc)}") from None
     return created

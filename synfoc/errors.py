@@ -59,3 +59,14 @@ def os_error_message(exc: OSError, action: str = "cannot write") -> str:
         return f"{action} {where}: a part of that path is a file, not a folder"
     reason = (exc.strerror or str(exc) or type(exc).__name__).lower()
     return f"{action} {where}: {reason}"
+
+
+def probe_write(folder) -> None:
+    """Create ``folder`` (and its parents) and write and delete a file in it; raises OSError
+    where that is not possible, so a command can stop before its expensive part."""
+    from pathlib import Path
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    probe = folder / ".synfoc-write-test"
+    probe.write_text("")
+    probe.unlink()

@@ -239,13 +239,10 @@ def check_writable_folder(folder: Path, option: str) -> None:
     """Stop naming ``option`` unless ``folder`` can be created and written: checked before any
     model is loaded, not once per input. Folders made for the check are removed again, so a
     command that fails later leaves nothing behind."""
-    from synfoc.errors import os_error_message
+    from synfoc.errors import os_error_message, probe_write
     made = [p for p in (folder, *folder.parents) if not p.exists()]
     try:
-        folder.mkdir(parents=True, exist_ok=True)
-        probe = folder / ".synfoc-write-test"
-        probe.write_text("")
-        probe.unlink()
+        probe_write(folder)
     except OSError as exc:
         raise ValueError(f"{option} {folder}: {os_error_message(exc)}") from None
     finally:

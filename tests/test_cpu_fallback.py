@@ -23,12 +23,7 @@ from synfoc.models import fused
 ONEDNN_FUSED_OPS = ("_linear_pointwise", "_convolution_pointwise")
 
 
-@pytest.fixture(autouse=True)
-def _few_threads():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(2)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("two_threads")
 
 
 class _Forbidden:

@@ -35,12 +35,7 @@ NEEDS_ONEDNN_BF16 = pytest.mark.skipif(
     reason=f"needs oneDNN's bf16 kernels, which need {cpu.ONEDNN_BF16_ISAS}; oneDNN finds none on this CPU")
 
 
-@pytest.fixture(autouse=True)
-def _few_threads():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(2)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("two_threads")
 
 
 @pytest.fixture(scope="module")
