@@ -3,7 +3,8 @@
 # benchmarks/results/busi/README.md: 1,000 iterations, LiteMedSAM at 128 + U-Net width 16 at 128, batch
 # 2+2, 64 labels (1/8), both labeled domains, three seeds, the paper's hyperparameters otherwise.
 #
-# Usage: bash benchmarks/busi/run_protocol.sh [SEEDS] [DOMAINS]     (defaults: "1337 1338 1339", "benign malignant")
+# Usage: [METHODS="..."] bash benchmarks/busi/run_protocol.sh [SEEDS] [DOMAINS]
+#        (defaults: all five methods, "1337 1338 1339", "benign malignant")
 # Runs go to runs/busi/<method>/<domain>/seed<N>/ (the layout of `synfoc sweep --seeds`); after each
 # run its small files (summary.json, config.yaml, history.jsonl, environment.jsonl, per_case.csv,
 # labeled.txt) are copied to benchmarks/results/busi/ with the same layout, to be committed. A
@@ -15,13 +16,14 @@ set -u
 DATA=${BUSI:-../shared/data/busi}
 SEEDS=${1:-1337 1338 1339}
 DOMAINS=${2:-benign malignant}
+METHODS=${METHODS:-suponly-unet base-unet samed base-foundation synfoc}
 RUNS=runs/busi
 KEEP=benchmarks/results/busi
 COMMON=(--preset busi --dataset "$DATA" --labeled-ratio 0.125 --iters 1000 --unet-size 128 --unet-width 16
         --foundation litemedsam --image-size 128 --batch-labeled 2 --batch-unlabeled 2 --no-progress)
 for SEED in $SEEDS; do
   for DOMAIN in $DOMAINS; do
-    for METHOD in suponly-unet base-unet samed base-foundation synfoc; do
+    for METHOD in $METHODS; do
       RUN=$RUNS/$METHOD/$DOMAIN/seed$SEED
       DEST=$KEEP/$METHOD/$DOMAIN/seed$SEED
       if [ -f "$DEST/summary.json" ]; then echo "$METHOD $DOMAIN seed $SEED: done"; continue; fi
