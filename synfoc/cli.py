@@ -7,7 +7,12 @@ import os
 import sys
 from pathlib import Path
 
-from synfoc.config import PRESETS
+from synfoc.config import CHOICES, PRESETS
+
+
+def domain_list(text: str) -> list[str]:
+    """``A,B`` -> ["A", "B"] (empty names dropped; an empty list is refused by validate)."""
+    return [d.strip() for d in text.split(",") if d.strip()]
 
 
 def add_setting_options(p: argparse.ArgumentParser, dataset_required: bool = False) -> None:
@@ -15,11 +20,16 @@ def add_setting_options(p: argparse.ArgumentParser, dataset_required: bool = Fal
     p.add_argument("--preset", choices=PRESETS, help="the paper's settings for a dataset (YAML inside the package)")
     p.add_argument("--config", help="a YAML file of settings (overrides the preset)")
     p.add_argument("--dataset", required=dataset_required, help="dataset folder, or 'synthetic' (the embedded default)")
-    p.add_argument("--format", choices=["auto", "fundus", "prostate", "mnms", "busi", "folder"],
+    p.add_argument("--format", choices=CHOICES["format"],
                    help="dataset layout (default: auto, recognised from the folder)")
     g = p.add_mutually_exclusive_group()
     g.add_argument("--labeled-num", type=int, help="the first N sorted training cases of the labeled domain")
     g.add_argument("--labeled-ratio", type=float, help="int(ratio * all training cases) labeled cases (BUSI: 0.125, 0.25)")
+    p.add_argument("--unlabeled-domains", type=domain_list, metavar="D1,D2",
+                   help="domains whose training cases are used unlabeled (default: the rest of the labeled "
+                        "domain and every other domain). UDA: --labeled-ratio 1.0 --unlabeled-domains LGE")
+    p.add_argument("--test-domains", type=domain_list, metavar="D1,D2",
+                   help="domains whose test cases are evaluated (default: every domain)")
     p.add_argument("--iters", type=int, help="training iterations (>= 1; default 30000, presets set the paper's)")
     p.add_argument("--batch-labeled", type=int, help="labeled images per iteration and process (>= 1; default 4)")
     p.add_argument("--batch-unlabeled", type=int, help="unlabeled images per iteration and process (>= 1; default 4)")
@@ -92,7 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
     dsub = p.add_subparsers(dest="data_command", required=True)
     c = dsub.add_parser("check", help="count cases, list label values and every problem")
     c.add_argument("path", help="the dataset folder")
-    c.add_argument("--format", default="auto", choices=["auto", "fundus", "prostate", "mnms", "busi", "folder"],
+    c.add_argument("--format", default="auto", choices=CHOICES["format"],
                    help="dataset layout (default: auto, recognised from the folder)")
     c.add_argument("--json", action="store_true", help="print the result as JSON")
     c = dsub.add_parser("preview", help="draw what the models train on (weak, strong and intermediate views) as a PNG")
@@ -101,7 +111,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--cases", type=int, default=4, help="labeled/unlabeled pairs to draw (default 4)")
     c.add_argument("--preset", choices=PRESETS, help="the paper's settings for a dataset (sizes, augmentation)")
     c.add_argument("--config", help="a YAML file of settings (overrides the preset)")
-    c.add_argument("--format", choices=["auto", "fundus", "prostate", "mnms", "busi", "folder"],
+    c.add_argument("--format", choices=CHOICES["format"],
                    help="dataset layout (default: auto, recognised from the folder)")
     c.add_argument("--labeled-domain", help="the domain whose first training cases are labeled")
     g = c.add_mutually_exclusive_group()
@@ -164,10 +174,10 @@ def prepare_out(out: Path) -> bool:
 def _train(args) -> int:
     from synfoc.config import resolve, validate
     overrides = {k: getattr(args, k) for k in (
-        "dataset", "format", "labeled_domain", "labeled_num", "labeled_ratio", "method", "alpha", "consistency",
-        "iters", "batch_labeled", "batch_unlabeled", "foundation", "checkpoint", "image_size", "unet_size",
-        "unet_width", "lora_rank", "grad_checkpointing", "seed", "device", "precision", "deterministic", "compile",
-        "checkpoint_every", "eval_every", "skip_bad")}
+        "dataset", "format", "labeled_domain", "labeled_num", "labeled_ratio", "unlabeled_domains", "test_domains",
+        "method", "alpha", "consistency", "iters", "batch_labeled", "batch_unlabeled", "foundation", "checkpoint",
+        "image_size", "unet_size", "unet_width", "lora_rank", "grad_checkpointing", "seed", "device", "precision",
+        "deterministic", "compile", "checkpoint_every", "eval_every", "skip_bad")}
     created = was_empty = False
     if args.resume:
         from synfoc.config import run_config

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import yaml
 
-PRESETS = ("prostate", "fundus", "mnms", "busi", "demo")
+PRESETS = ("prostate", "fundus", "mnms", "busi", "acdc", "mscmrseg", "demo")
 
 
 @dataclass
@@ -24,6 +24,8 @@ class TrainConfig:
     labeled_domain: str | None = None     # default: the first domain
     labeled_num: int | None = None
     labeled_ratio: float | None = None
+    unlabeled_domains: list[str] | None = None   # None: the rest of the labeled domain and every other domain
+    test_domains: list[str] | None = None        # None: every domain
     skip_bad: bool = False
     # method
     method: str = "synfoc"
@@ -101,7 +103,7 @@ class TrainConfig:
 METHODS = ("synfoc", "base-unet", "base-foundation", "suponly-unet", "suponly-foundation", "samed", "fixmatch")
 CHOICES = {
     "method": METHODS,
-    "format": ("auto", "fundus", "prostate", "mnms", "busi", "folder"),
+    "format": ("auto", "fundus", "prostate", "mnms", "busi", "acdc", "mscmrseg", "folder"),
     "alpha": ("smc", "self", "mutual", "constant", "linear", "cps"),
     "consistency": ("cdcr", "cr", "none"),
     "teacher_mode": ("train", "eval"),
@@ -109,7 +111,8 @@ CHOICES = {
     "precision": ("auto", "bf16", "fp32"),
 }
 # Settings that are command-line options (named as such in messages); the rest are YAML settings.
-COMMAND_LINE = {"dataset", "format", "labeled_domain", "labeled_num", "labeled_ratio", "skip_bad", "method",
+COMMAND_LINE = {"dataset", "format", "labeled_domain", "labeled_num", "labeled_ratio", "unlabeled_domains",
+                "test_domains", "skip_bad", "method",
                 "alpha", "consistency", "foundation", "checkpoint", "image_size", "lora_rank",
                 "grad_checkpointing", "unet_size", "unet_width", "iters", "batch_labeled", "batch_unlabeled",
                 "seed", "device", "precision", "compile", "deterministic", "checkpoint_every", "eval_every"}
@@ -167,6 +170,12 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     if cfg.baseline is not None:
         need("baseline", cfg.baseline in METHODS, f"one of {', '.join(METHODS)}")
     need("dataset", isinstance(cfg.dataset, str) and cfg.dataset.strip() != "", "a folder or 'synthetic'")
+    for name in ("unlabeled_domains", "test_domains"):   # checked against the dataset when it is opened
+        v = getattr(cfg, name)
+        if v is not None:
+            need(name, isinstance(v, list) and len(v) > 0 and len(set(v)) == len(v)
+                 and all(isinstance(d, str) and d.strip() for d in v),
+                 "a non-empty list of distinct domain names (comma-separated on the command line)")
     if bad:
         raise ValueError("; ".join(bad))
     return cfg

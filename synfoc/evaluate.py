@@ -1,4 +1,5 @@
-"""Evaluation of the students on every domain's test split (method-spec section 5).
+"""Evaluation of the students on the test split of every domain, or of ``test_domains`` (method-spec
+section 5).
 
 The foundation model's logits are upsampled to its input size, soft-maxed and arg-maxed, then
 nearest-resized to the U-Net size; metrics are computed at the U-Net size, per 2D image and per
@@ -17,6 +18,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from synfoc.metrics import METRIC_NAMES, batch_multiclass_metrics
+
+
+def tested_domains(index, cfg) -> list[str]:
+    """The domains whose test splits are evaluated: ``cfg.test_domains``, else every domain."""
+    from synfoc.data import check_domains
+    return check_domains(index, getattr(cfg, "test_domains", None), "--test-domains")
 
 
 def eval_size(cfg) -> int:
@@ -51,7 +58,7 @@ def evaluate_students(students: dict[str, nn.Module], index, cfg, device, autoca
     from synfoc.data import load_cases
     size = eval_size(cfg)
     rows = []
-    for domain in index.domains:
+    for domain in tested_domains(index, cfg):
         cases = index.cases_of(domain, "test")
         if not cases:
             continue
@@ -141,7 +148,8 @@ def write_evaluation(rows: list[dict], out: Path, cfg, index, selection: str = "
         writer.writeheader()
         writer.writerows(rows)
     title = "final students" if selection == "final" else "students selected ON THE TEST SETS (optimistic)"
-    (out / f"summary{suffix}.md").write_text(f"# {cfg.method}: {title}\n\n" + markdown_table(summary, index.domains))
+    (out / f"summary{suffix}.md").write_text(f"# {cfg.method}: {title}\n\n"
+                                             + markdown_table(summary, tested_domains(index, cfg)))
     return summary
 
 
@@ -207,5 +215,5 @@ def evaluate_run(run: Path, dataset: str | None = None, select_on: str = "final"
     cfg, index, students, rt = load_run(run, dataset, weights, device)
     rows = evaluate_students(students, index, cfg, rt.device, rt.autocast, progress=True)
     summary = write_evaluation(rows, run, cfg, index, "final" if select_on == "final" else "test-selected")
-    print(markdown_table(summary, index.domains))
+    print(markdown_table(summary, tested_domains(index, cfg)))
     return summary

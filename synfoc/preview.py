@@ -51,7 +51,8 @@ def preview_png(cfg, index, cases: int = 4, students: dict | None = None, seed: 
         raise ValueError(f"--cases must be at least 1, got {cases}")
     cfg = dataclasses.replace(cfg, batch_labeled=cases, batch_unlabeled=cases)
     domain = cfg.labeled_domain or index.domains[0]
-    labeled_cases, unlabeled_cases = split_labeled(index, domain, cfg.labeled_num, cfg.labeled_ratio)
+    labeled_cases, unlabeled_cases = split_labeled(index, domain, cfg.labeled_num, cfg.labeled_ratio,
+                                                   cfg.unlabeled_domains)
     if not unlabeled_cases:
         raise ValueError("the split has no unlabeled case to preview")
     foundation_size = cfg.image_size or FOUNDATION_MODELS[cfg.foundation].native_size

@@ -469,17 +469,22 @@ def sweep_markdown(variants: list[Variant], domains: list[str], summaries: dict,
     paired differences, then one table per method."""
     seeds = _seeds(summaries, seeds)
     multi = len(seeds) > 1
+    of = "all training cases" if cfg.unlabeled_domains is None else "the labeled domain's training cases"
     labeled = f"{cfg.labeled_num} labeled cases" if cfg.labeled_num is not None else \
-        f"labeled ratio {cfg.labeled_ratio} (int(ratio x all training cases) labeled)"
+        f"labeled ratio {cfg.labeled_ratio} (int(ratio x {of}) labeled)"
     done = sum(s is not None for s in summaries.values())
+    tested = "ALL domains" if cfg.test_domains is None else "the test domains " + ", ".join(cfg.test_domains)
+    unlabeled = ("" if cfg.unlabeled_domains is None
+                 else f" (unlabeled cases from {', '.join(cfg.unlabeled_domains)})")
     seed_text = (f"seeds {', '.join(map(str, seeds))} (one run each); " if multi else "")
     parts = [
         f"# SynFoC sweep{f' ({preset_name})' if preset_name else ''}\n",
-        f"Dataset `{cfg.dataset}`; {labeled} from one domain per column; {seed_text}{cfg.iters} iterations; "
+        f"Dataset `{cfg.dataset}`; {labeled} from one domain per column{unlabeled}; {seed_text}"
+        f"{cfg.iters} iterations; "
         f"foundation model {cfg.foundation} at {cfg.image_size or 'its native size'}, U-Net at {cfg.unet_size}. "
         f"{done} of {len(variants) * len(domains) * len(seeds)} runs finished.\n",
         "Each column is the run whose labeled data come from that domain; its cell is the mean DSC (%) "
-        "over the test sets of ALL domains. DSC Avg is the mean of the columns; Jaccard (%), 95HD and "
+        f"over the test sets of {tested}. DSC Avg is the mean of the columns; Jaccard (%), 95HD and "
         "ASD (pixels at the U-Net size) are averaged over the columns likewise. Final students (not "
         "selected on the test sets). A `*` marks an average over the runs finished so far.\n",
     ]
@@ -585,7 +590,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def base_config(args: argparse.Namespace) -> TrainConfig:
     """The preset, config file and command-line settings shared by every run of the sweep."""
     overrides = {k: getattr(args, k) for k in (
-        "dataset", "format", "labeled_num", "labeled_ratio", "iters", "foundation", "checkpoint", "image_size",
+        "dataset", "format", "labeled_num", "labeled_ratio", "unlabeled_domains", "test_domains", "iters",
+        "foundation", "checkpoint", "image_size",
         "unet_size", "unet_width", "batch_labeled", "batch_unlabeled", "seed", "device", "precision",
         "grad_checkpointing", "skip_bad")}
     cfg = resolve(args.preset, args.config, overrides)
@@ -604,7 +610,7 @@ def plan_sweep(cfg: TrainConfig, variants: list[Variant], domains: list[str] | N
     """(labeled domains, planned runs): checks the dataset and every run's split before anything
     trains, so a mistake costs seconds, not the first run's hours. Seeds are the outer loop, so a
     multi-seed sweep has a complete table for its first seed before it starts the second."""
-    from synfoc.data import split_labeled
+    from synfoc.data import check_domains, split_labeled
     from synfoc.data.base import DataError
     from synfoc.train import open_index
 
@@ -618,8 +624,9 @@ def plan_sweep(cfg: TrainConfig, variants: list[Variant], domains: list[str] | N
     if unknown:
         raise ValueError(f"--labeled-domains: unknown domain(s) {', '.join(unknown)}; "
                          f"this dataset has {', '.join(index.domains)}")
-    for domain in domains:
-        split_labeled(index, domain, cfg.labeled_num, cfg.labeled_ratio)   # raises DataError early
+    check_domains(index, cfg.test_domains, "--test-domains")
+    for domain in domains:   # raises DataError early
+        split_labeled(index, domain, cfg.labeled_num, cfg.labeled_ratio, cfg.unlabeled_domains)
     runs = [plan_run(v, d, run_folder(out, v, d, s, seeds),
                      cfg.update({"labeled_domain": d, "seed": s, **v.overrides()}, "sweep"))
             for s in seeds for v in variants for d in domains]

@@ -542,7 +542,7 @@ def train(cfg: TrainConfig, out: Path, resume: bool = False, progress: bool = Tr
     from torch.utils.tensorboard import SummaryWriter
     from tqdm import tqdm
 
-    from synfoc.data import split_labeled, write_split
+    from synfoc.data import check_domains, split_labeled, write_split
     from synfoc.evaluate import evaluate_students, write_evaluation
     from synfoc.report import write_progress_png
 
@@ -564,7 +564,9 @@ def train(cfg: TrainConfig, out: Path, resume: bool = False, progress: bool = Tr
     elif problems:
         raise DataError(problem_listing(f"the dataset has {len(problems)} problem(s)", problems))
     domain = cfg.labeled_domain or index.domains[0]
-    labeled_cases, unlabeled_cases = split_labeled(index, domain, cfg.labeled_num, cfg.labeled_ratio)
+    labeled_cases, unlabeled_cases = split_labeled(index, domain, cfg.labeled_num, cfg.labeled_ratio,
+                                                   cfg.unlabeled_domains)
+    check_domains(index, cfg.test_domains, "--test-domains")
     if resume:
         check_same_split(out, cfg.dataset, labeled_cases, unlabeled_cases)
 

@@ -23,7 +23,9 @@ class Case:
 
     ``image`` and ``mask`` are the files it comes from; ``extra_masks`` are further mask files
     merged into it with a pixel-wise max (BUSI lesions); ``slice_index`` picks one slice of a
-    volume along ``slice_axis`` (NIfTI). ``name`` is unique within (domain, split).
+    volume along ``slice_axis`` (NIfTI). ``name`` is unique within (domain, split). ``group``
+    names the patient (or volume) a slice comes from where a format knows it: the split then
+    labels whole groups, so that no patient gives both labeled and unlabeled slices.
     """
 
     domain: str
@@ -34,6 +36,7 @@ class Case:
     extra_masks: tuple[Path, ...] = ()
     slice_index: int | None = None
     slice_axis: int = 2
+    group: str | None = None
 
 
 @dataclass(frozen=True)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Callable
 
-from synfoc.data import busi, folder, fundus, mnms, prostate
+from synfoc.data import acdc, busi, folder, fundus, mnms, mscmrseg, prostate
 from synfoc.data.base import DataError, DatasetIndex
 
 # In the order ``auto`` tries them: the paper's fixed layouts before the generic one.
@@ -14,6 +14,8 @@ DETECTORS: dict[str, Callable[[Path], Path | None]] = {
     "prostate": prostate.looks_like,
     "mnms": mnms.looks_like,
     "busi": busi.looks_like,
+    "acdc": acdc.looks_like,
+    "mscmrseg": mscmrseg.looks_like,
     "folder": folder.looks_like,
 }
 FORMATS = tuple(DETECTORS)
@@ -22,6 +24,8 @@ _LAYOUTS = """  fundus:   Domain{1-4}/{train,test}/ROIs/{image,mask}/*.png
   prostate: {BIDMC,BMC,HK,I2CVB,RUNMC,UCL}/{train,test}/{image,mask}/*.png
   mnms:     vendor{A,B,C,D}/{train,test}/{image,mask}/*.png
   busi:     Dataset_BUSI_with_GT/{benign,malignant}/*.png
+  acdc:     ACDC/data/slices/*.h5, ACDC/data/*.h5, ACDC/{train_slices,test}.list (SSL4MIS)
+  mscmrseg: {C0,LGE}/{train,test}/*.nii.gz with *_manual.nii.gz labels beside them
   folder:   <domain>/{train,test}/{images,masks}/ (and optionally dataset.json)"""
 
 
@@ -45,7 +49,8 @@ def open_dataset(path: str | Path, format: str = "auto", *, slice_axis: int | No
     Args:
         path: the dataset folder (for the paper's sets also its parent, e.g. the folder that
             holds ``Fundus`` or ``Dataset_BUSI_with_GT``).
-        format: one of ``auto``, ``fundus``, ``prostate``, ``mnms``, ``busi``, ``folder``.
+        format: one of ``auto``, ``fundus``, ``prostate``, ``mnms``, ``busi``, ``acdc``,
+            ``mscmrseg``, ``folder``.
         slice_axis: for NIfTI volumes in the ``folder`` format, the axis cut into 2D slices
             (overrides dataset.json; default 2).
 
@@ -67,5 +72,6 @@ def open_dataset(path: str | Path, format: str = "auto", *, slice_axis: int | No
     if format == "folder":
         return folder.open_folder(path, slice_axis=slice_axis)
     opener = {"fundus": fundus.open_fundus, "prostate": prostate.open_prostate,
-              "mnms": mnms.open_mnms, "busi": busi.open_busi}[format]
+              "mnms": mnms.open_mnms, "busi": busi.open_busi, "acdc": acdc.open_acdc,
+              "mscmrseg": mscmrseg.open_mscmrseg}[format]
     return opener(path)
