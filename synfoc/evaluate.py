@@ -4,6 +4,8 @@ section 5).
 The foundation model's logits are upsampled to its input size, soft-maxed and arg-maxed, then
 nearest-resized to the U-Net size; metrics are computed at the U-Net size, per 2D image and per
 reported part, in pixels. Mean over the images of a domain, then the unweighted mean over domains.
+A format whose index sets ``volume_metrics`` (ACDC) is scored per test volume in 3D instead
+(:func:`volume_rows`).
 """
 
 from __future__ import annotations
@@ -67,9 +69,13 @@ def evaluate_students(students: dict[str, nn.Module], index, cfg, device, autoca
             input_sizes["foundation"] = students["foundation"].image_size
         loaded = load_cases(index, cases, sorted(set(input_sizes.values()) | {size}), progress=progress)
         truth = loaded.arrays[size][1].numpy()
+        volumes = test_volumes(index, cases) if getattr(index, "volume_metrics", False) else None
         for kind, model in students.items():
             images = loaded.arrays[input_sizes[kind]][0]
             pred = predict_labels(model, images, size, device, autocast).numpy()
+            if volumes is not None:
+                rows += volume_rows(kind, domain, volumes, pred, loaded.original_sizes, index.report_parts)
+                continue
             per_case = batch_multiclass_metrics(pred, truth, index.report_parts)
             present = {part: (np.isin(truth, values).any(axis=(1, 2)), np.isin(pred, values).any(axis=(1, 2)))
                        for part, values in index.report_parts}
@@ -78,6 +84,39 @@ def evaluate_students(students: dict[str, nn.Module], index, cfg, device, autoca
                     rows.append({"student": kind, "domain": domain, "case": case.name, "class": part,
                                  **{m: float(values[m]) for m in METRIC_NAMES},
                                  "truth_present": int(present[part][0][i]), "pred_present": int(present[part][1][i])})
+    return rows
+
+
+def test_volumes(index, cases) -> dict[str, tuple[list[int], np.ndarray]]:
+    """The test slices grouped into their volumes (by file, in slice order): volume name ->
+    (positions in ``cases``, ground truth (slices, H, W) at the original size)."""
+    from synfoc.data.io import file_stem
+    members: dict[Path, list[int]] = {}
+    for i, case in enumerate(cases):
+        members.setdefault(Path(case.image), []).append(i)
+    volumes = {}
+    for path, positions in members.items():
+        positions.sort(key=lambda i: cases[i].slice_index or 0)
+        volumes[file_stem(path)] = (positions, np.stack([index.read(cases[i]).label for i in positions]))
+    return volumes
+
+
+def volume_rows(kind: str, domain: str, volumes: dict, pred: np.ndarray, original_sizes: list,
+                parts) -> list[dict]:
+    """One row per (test volume, part) with 3D metrics: the SSL literature's ACDC protocol, where
+    each slice's prediction is resized back to the slice's own size (nearest neighbour) and the
+    volume is scored as a whole. Distances are in voxels: the ACDC files carry no spacing."""
+    from synfoc.data import resize_label
+    from synfoc.metrics import multiclass_metrics
+    rows = []
+    for name, (positions, truth) in volumes.items():
+        volume = np.stack([resize_label(pred[i], original_sizes[i]) for i in positions])
+        for part, values in multiclass_metrics(volume, truth, parts).items():
+            mask = dict(parts)[part]
+            rows.append({"student": kind, "domain": domain, "case": name, "class": part,
+                         **{m: float(values[m]) for m in METRIC_NAMES},
+                         "truth_present": int(np.isin(truth, mask).any()),
+                         "pred_present": int(np.isin(volume, mask).any())})
     return rows
 
 

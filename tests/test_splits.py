@@ -263,3 +263,31 @@ def test_sweep_passes_the_domains_through_and_tables_show_tested_domains(tmp_pat
     text = (out / "sweep.md").read_text()
     assert "test malignant" in text and "test benign" not in text
     assert "test sets of the test domains malignant" in text
+
+
+def test_volume_metrics_score_the_volume_as_a_whole():
+    from synfoc.evaluate import volume_rows
+    truth = np.zeros((2, 8, 8), np.uint8)
+    truth[:, 2:6, 2:6] = 1
+    pred = np.zeros((2, 4, 4), np.uint8)        # at a smaller model size: resized back to 8x8
+    pred[0, 1:3, 1:3] = 1                      # slice 0 right, slice 1 missed
+    rows = volume_rows("unet", "ACDC", {"vol": ([0, 1], truth)}, pred, [(8, 8), (8, 8)], [("RV", (1,))])
+    assert len(rows) == 1 and rows[0]["case"] == "vol"
+    # 3D Dice 2 * 16 / (32 + 16); the mean of the two slices' Dice would be 0.5
+    assert rows[0]["dice"] == pytest.approx(2 / 3)
+    assert rows[0]["truth_present"] == rows[0]["pred_present"] == 1
+
+
+def test_acdc_train_evaluates_per_volume(tmp_path):
+    from synfoc.cli import main
+    make_acdc(tmp_path, {"patient001_frame01": 2, "patient002_frame01": 2},
+              {"patient081_frame01": 3, "patient082_frame01": 2})
+    out = tmp_path / "run"
+    assert main(["train", "--preset", "acdc", "--dataset", str(tmp_path), "--labeled-num", "1", "--iters", "2",
+                 "--out", str(out), *TINY]) == 0
+    assert (out / "labeled.txt").read_text().split() == ["ACDC/patient001_frame01_slice_0",
+                                                         "ACDC/patient001_frame01_slice_1"]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["students"]["unet"]["per_domain"]["ACDC"]["cases"] == 2      # volumes, not 5 slices
+    cases = {line.split(",")[2] for line in (out / "per_case.csv").read_text().splitlines()[1:]}
+    assert cases == {"patient081_frame01", "patient082_frame01"}

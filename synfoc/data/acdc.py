@@ -13,7 +13,8 @@ synfoc evaluates the final students rather than selecting them on a validation s
 
 Every case carries its patient (``patient001``) as ``Case.group``, so the split labels whole
 patients: ``--labeled-num 7`` is 7 patients with all their slices, the SSL literature's protocol.
-The files hold no voxel spacing, so distances are in pixels.
+Test metrics are per volume in 3D at the original slice size (synfoc.evaluate.volume_rows); the
+files hold no voxel spacing, so HD95 and ASD are in voxels.
 """
 
 from __future__ import annotations
@@ -82,6 +83,9 @@ def _volume_depth(path: Path) -> int:
 
 @dataclass
 class AcdcIndex(DatasetIndex):
+    # evaluate each test volume in 3D (synfoc.evaluate.volume_rows), as the SSL literature reports ACDC
+    volume_metrics = True
+
     def read(self, case: Case) -> Sample:
         if case.image is None:
             raise DataError(f"case {case.domain}/{case.split}/{case.name} has no file")
