@@ -1,8 +1,11 @@
-"""Time of one SynFoC training iteration: the fast path of ``synfoc train`` against a reference.
+"""Time of one SynFoC training iteration, its FLOPs, and its share of the machine's matmul peak.
 
 ``fast``      the iteration exactly as :func:`synfoc.train.train` runs it: ``make_views`` (batched
               augmentation on the device), ``SynFoC.step`` under the runtime's autocast (bf16 on
               CUDA and on CPUs with AMX / AVX512-BF16), backward, both optimiser steps, EMA.
+``against``   (with ``--against REV``) the same fast iteration, driven by this script, but with the
+              synfoc package of a ``git worktree`` of commit REV: an A/B of two commits of this
+              project on the same machine, in alternation.
 ``reference`` a straightforward fp32 iteration in the authors' style (``reference_step.py``):
               the models' modules as their libraries ship them, per-sample CPU
               augmentation, separate forwards, host synchronisations, no autocast, and the C
@@ -13,37 +16,71 @@
 
 Each mode runs in its own child process, so its peak memory is its own: CUDA
 ``max_memory_allocated``, or on the CPU the peak resident set size (``getrusage``, whole process:
-interpreter, models and activations). Both children are built first, then asked for one iteration
-at a time in alternation (fast, reference, fast, ...), so a machine whose speed drifts (a shared
-host) slows both modes alike. The time is the median of ``--iters`` iterations after ``--warmup``
-ones.
+interpreter, models and activations). All children are built first, then asked for one iteration
+at a time in alternation (fast, against, fast, ...), so a machine whose speed drifts (a shared
+host) slows every mode alike. The time is the median of ``--iters`` iterations after ``--warmup``
+ones, with their min..max and interquartile range.
 
-    python benchmarks/step_time.py --foundation litemedsam --image-size 256 --unet-size 256 \
-        --batch-labeled 2 --batch-unlabeled 2 --iters 5
-    python benchmarks/step_time.py --foundation medsam_vit_b --image-size 512 --unet-size 384 \
-        --batch-labeled 4 --batch-unlabeled 4 --mode fast --grad-checkpointing --iters 1 --warmup 1 --json
+After the timed iterations each child counts the FLOPs of one more iteration (FlopCounterMode,
+forward + backward) and times a large square matmul in the dtype its step computes in (bf16 under
+autocast, else fp32) on the same device and threads: the model-FLOP utilisation (MFU) is the
+step's achieved TFLOP/s over that matmul's. One CSV row per mode is appended to ``--csv``.
 
-ViT models without ``--checkpoint`` get random weights (same shapes and cost as MedSAM's).
+    python benchmarks/step_time.py --config reduced --iters 5
+    python benchmarks/step_time.py --config reduced --against 7a99b5b --iters 10
+    python benchmarks/step_time.py --config paper --grad-checkpointing --iters 2 --warmup 1 --json
+
+``--config`` picks a standard configuration (:data:`CONFIGS`); explicit options override its
+values. ViT models without ``--checkpoint`` get random weights (same shapes and cost as MedSAM's).
 """
 
 from __future__ import annotations
 
 import argparse
+import csv
+import datetime
 import json
 import os
 import resource
+import shutil
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 
-import synfoc  # noqa: F401  (sets OpenMP's passive waiting before torch starts, as in training)
-import torch
+ROOT = Path(__file__).resolve().parents[1]
+# The checkout whose synfoc a child times. It goes first on sys.path: Python's path finder is
+# consulted before the finder of an editable install, so the child gets this checkout's package
+# whichever one the environment has installed (checked below, and reported).
+CODE_ROOT = Path(os.environ.get("SYNFOC_BENCH_CODE", ROOT)).resolve()
+sys.path.insert(0, str(CODE_ROOT))
 
-MODES = ("fast", "reference", "fast-system-malloc")
+import synfoc  # noqa: E402  (sets OpenMP's passive waiting before torch starts, as in training)
+import torch  # noqa: E402
+
+if not Path(synfoc.__file__).resolve().is_relative_to(CODE_ROOT):
+    raise SystemExit(f"synfoc was imported from {synfoc.__file__}, not from {CODE_ROOT}")
+
+sys.path.insert(1, str(Path(__file__).resolve().parent))
+from machine import device_description, git_describe, matmul_peak  # noqa: E402
+
+MODES = ("fast", "against", "reference", "fast-system-malloc")
+
+# The standard configurations: the demo preset (synfoc/presets/demo.yaml), the reduced BUSI
+# protocol, and the paper's BUSI configuration (MedSAM ViT-B at 512, U-Net width 64 at 256, 4+4).
+CONFIGS = {
+    "demo": {"foundation": "litemedsam", "image_size": 64, "unet_size": 128, "unet_width": 16,
+             "batch_labeled": 2, "batch_unlabeled": 2},
+    "reduced": {"foundation": "litemedsam", "image_size": 128, "unet_size": 128, "unet_width": 16,
+                "batch_labeled": 2, "batch_unlabeled": 2},
+    "paper": {"foundation": "medsam_vit_b", "image_size": 512, "unet_size": 256, "unet_width": 64,
+              "batch_labeled": 4, "batch_unlabeled": 4},
+}
 
 
 # ----------------------------------------------------------------------------- setup
@@ -166,14 +203,20 @@ class ReferenceRunner:
         self.ref.step(t, total)
 
 
-def count_flops(runner: FastStep, t: int, total: int) -> int:
-    """FLOPs of one fast iteration (forward + backward), as counted by FlopCounterMode."""
+def count_flops(runner, t: int, total: int) -> int:
+    """FLOPs of one iteration (forward + backward), as counted by FlopCounterMode."""
     from torch.utils.flop_counter import FlopCounterMode
     counter = FlopCounterMode(display=False)
     with counter:
         runner.step(t, total)
     sync(runner.device)
     return counter.get_total_flops()
+
+
+def spread(times: list[float]) -> dict:
+    """Median, min, max and interquartile range of the timed iterations."""
+    q1, _, q3 = statistics.quantiles(times, n=4, method="inclusive") if len(times) > 1 else (times[0],) * 3
+    return {"s_per_iter": statistics.median(times), "s_min": min(times), "s_max": max(times), "s_iqr": q3 - q1}
 
 
 def serve(args, mode: str) -> None:
@@ -184,7 +227,7 @@ def serve(args, mode: str) -> None:
         torch.set_num_threads(args.threads)
     if mode == "fast-system-malloc":  # the fast step with glibc's default allocator (no keep_freed_memory)
         os.environ["SYNFOC_SYSTEM_MALLOC"] = "1"
-    runner = FastStep(args, args.trace) if mode.startswith("fast") else ReferenceRunner(args, args.trace)
+    runner = ReferenceRunner(args, args.trace) if mode == "reference" else FastStep(args, args.trace)
     device = runner.device
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -203,14 +246,26 @@ def serve(args, mode: str) -> None:
             print(f"@@{elapsed}", flush=True)
         elif command == "finish":
             total = int(values[0])
-            result = {"mode": mode, "device": device_name(device), "s_per_iter": statistics.median(times),
-                      "times": times, "peak_mb": peak_memory_mb(device),
-                      "precision": "fp32" if mode == "reference" or runner.rt.dtype is None else "bf16",
-                      "threads": torch.get_num_threads()}
+            bf16 = mode != "reference" and runner.rt.dtype is not None
+            # before the FLOP count and the matmul, which add nothing the training loop would hold
+            result = {"mode": mode, "device": device_name(device), "device_model": device_description(device),
+                      **spread(times), "times": times, "peak_mb": peak_memory_mb(device),
+                      "peak_memory_kind": "cuda max_memory_allocated" if device.type == "cuda" else "cpu peak RSS",
+                      "precision": "bf16" if bf16 else "fp32", "threads": torch.get_num_threads(),
+                      "torch": torch.__version__, "synfoc_file": str(Path(synfoc.__file__).resolve())}
             if runner.trace is not None:
-                result["trace"] = runner.trace
-            if args.flops and mode == "fast":
+                result["trace"] = list(runner.trace)  # not the FLOP-counting iteration's
+            if args.flops:
                 result["flops"] = count_flops(runner, total, total + 1)
+                result["tflops_per_s"] = result["flops"] / result["s_per_iter"] / 1e12
+            if args.peak_tflops:
+                result["peak_tflops"], result["peak_source"] = args.peak_tflops, "--peak-tflops"
+            else:
+                peak = matmul_peak(device, torch.bfloat16 if bf16 else torch.float32, args.matmul_size)
+                result["peak_tflops"] = peak["tflops"]
+                result["peak_source"] = f"matmul {peak['n']}^3 {peak['dtype']}, median of {peak['repeats']}"
+            if "tflops_per_s" in result:
+                result["mfu"] = result["tflops_per_s"] / result["peak_tflops"]
             print("@@" + json.dumps(result), flush=True)
             return
 
@@ -223,7 +278,12 @@ def device_name(device: torch.device) -> str:
 
 # ----------------------------------------------------------------------------- command line
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--config", choices=sorted(CONFIGS))
+    config = pre.parse_known_args(argv)[0].config
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", choices=sorted(CONFIGS),
+                   help="a standard configuration; the options below override its values")
     p.add_argument("--foundation", default="litemedsam", help="litemedsam, medsam_vit_b, sam_vit_b, ...")
     p.add_argument("--checkpoint", help="base weights; ViT models get random weights without one")
     p.add_argument("--image-size", type=int, default=256, help="foundation input size")
@@ -233,7 +293,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--num-classes", type=int, default=1, choices=[1, 2])
     p.add_argument("--batch-labeled", type=int, default=2)
     p.add_argument("--batch-unlabeled", type=int, default=2)
-    p.add_argument("--mode", choices=["fast", "reference", "both", "fast-system-malloc"], default="both")
+    p.add_argument("--mode", choices=["fast", "reference", "both", "fast-system-malloc", "against"], default="fast",
+                   help="both: fast and the authors'-style reference, in alternation")
+    p.add_argument("--against", metavar="REV",
+                   help="also time the fast iteration of commit REV of this repository (a git worktree), in alternation")
     p.add_argument("--with-system-malloc", action="store_true",
                    help="also time the fast step with glibc's default allocator (SYNFOC_SYSTEM_MALLOC=1)")
     p.add_argument("--iters", type=int, default=5, help="timed iterations (the median is reported)")
@@ -246,25 +309,37 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     p.add_argument("--seed", type=int, default=1337)
     p.add_argument("--trace", action="store_true", help="record every iteration's losses (adds host reads)")
-    p.add_argument("--flops", action="store_true", help="count the FLOPs of one fast iteration")
-    p.add_argument("--peak-tflops", type=float, help="with --flops: the device's peak, for model FLOP utilisation")
+    p.add_argument("--flops", action="store_true", default=True, help="count the FLOPs of one iteration (the default)")
+    p.add_argument("--no-flops", dest="flops", action="store_false", help="skip the FLOP count (and the MFU)")
+    p.add_argument("--peak-tflops", type=float,
+                   help="the peak to compute the MFU against, instead of timing a matmul")
+    p.add_argument("--matmul-size", type=int, default=2048, help="n of the n^3 matmul that measures the peak")
+    p.add_argument("--csv", type=Path, default=ROOT / "benchmarks" / "results" / "step_time.csv",
+                   help="append one row per mode to this file (default: %(default)s)")
+    p.add_argument("--no-csv", action="store_true", help="append no CSV row")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--in-process", action="store_true", help=argparse.SUPPRESS)  # a child: one mode, JSON out
+    if config:
+        p.set_defaults(**CONFIGS[config])
     args = p.parse_args(argv)
     if args.batch_labeled != args.batch_unlabeled:
         p.error("labeled sample i pairs with unlabeled sample i: use equal batch sizes")
     if args.iters < 1:
         p.error("--iters must be >= 1")
+    if args.mode == "against" and not args.in_process:
+        p.error("use --against REV")
     return args
 
 
 class Child:
-    """One mode's child process (:func:`serve`), driven line by line."""
+    """One mode's child process (:func:`serve`), driven line by line; ``code`` is the checkout whose
+    synfoc it imports."""
 
-    def __init__(self, argv: list[str], mode: str) -> None:
+    def __init__(self, argv: list[str], mode: str, code: Path = ROOT) -> None:
         cmd = [sys.executable, str(Path(__file__).resolve()), *argv, "--mode", mode, "--in-process"]
-        self.mode = mode
-        self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        self.mode, self.code = mode, code
+        env = {**os.environ, "SYNFOC_BENCH_CODE": str(code)}
+        self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
 
     def answer(self) -> str:
         for line in self.proc.stdout:
@@ -279,9 +354,30 @@ class Child:
         return self.answer()
 
 
-def run_alternating(argv: list[str], modes: tuple[str, ...], args) -> dict[str, dict]:
+@contextmanager
+def worktree(rev: str):
+    """A detached ``git worktree`` of ``rev`` of this repository in a temporary folder, removed after."""
+    tmp = Path(tempfile.mkdtemp(prefix="synfoc-ab-"))
+    path = tmp / "code"
+    added = subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "--detach", str(path), rev],
+                           capture_output=True, text=True)
+    if added.returncode != 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise SystemExit(f"git worktree add {rev} failed: {added.stderr.strip()}")
+    try:
+        yield path
+    finally:
+        removed = subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(path)],
+                                 capture_output=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+        if removed.returncode != 0:  # git's record of a folder that is gone (other worktrees' are kept)
+            subprocess.run(["git", "-C", str(ROOT), "worktree", "prune"], capture_output=True)
+
+
+def run_alternating(argv: list[str], modes: tuple[str, ...], args, codes: dict[str, Path] | None = None) -> dict[str, dict]:
     """Build every mode's child, then time them one iteration at a time in alternation."""
-    children = [Child(argv, mode) for mode in modes]
+    codes = codes or {}
+    children = [Child(argv, mode, codes.get(mode, ROOT)) for mode in modes]
     try:
         for c in children:
             c.answer()  # built
@@ -294,57 +390,146 @@ def run_alternating(argv: list[str], modes: tuple[str, ...], args) -> dict[str, 
         for c in children:
             if c.proc.poll() is None:
                 c.proc.kill()
+    for c in children:  # the package each child really imported, and that checkout's commit
+        if not Path(results[c.mode]["synfoc_file"]).is_relative_to(c.code.resolve()):
+            raise SystemExit(f"{c.mode}: synfoc came from {results[c.mode]['synfoc_file']}, not {c.code}")
+        results[c.mode]["commit"] = git_describe(c.code)
     return results
 
 
+PER_MODE = ("s_per_iter", "s_min", "s_max", "s_iqr", "times", "peak_mb", "precision", "flops", "tflops_per_s",
+            "peak_tflops", "peak_source", "mfu", "commit", "synfoc_file", "trace")
+
+
 def summarise(results: dict[str, dict], args) -> dict:
-    out: dict = {"device": next(iter(results.values()))["device"], "foundation": args.foundation,
+    first = next(iter(results.values()))
+    out: dict = {"device": first["device"], "device_model": first["device_model"], "torch": first["torch"],
+                 "config": args.config or "custom", "foundation": args.foundation,
                  "image_size": args.image_size, "unet_size": args.unet_size, "unet_width": args.unet_width,
-                 "batch": [args.batch_labeled, args.batch_unlabeled], "iters": args.iters,
-                 "grad_checkpointing": args.grad_checkpointing,
+                 "batch": [args.batch_labeled, args.batch_unlabeled], "iters": args.iters, "warmup": args.warmup,
+                 "grad_checkpointing": args.grad_checkpointing, "compile": args.compile,
+                 "threads": first["threads"], "peak_memory_kind": first["peak_memory_kind"],
                  "load_average": list(os.getloadavg())}
     for mode, r in results.items():
-        out[f"{mode}_s"] = r["s_per_iter"]
-        out[f"{mode}_peak_mb"] = r["peak_mb"]
-        out[f"{mode}_times"] = r["times"]
-        out[f"{mode}_precision"] = r["precision"]
-        out["threads"] = r["threads"]
-        if "trace" in r:
-            out[f"{mode}_trace"] = r["trace"]
-        if "flops" in r:
-            out["fast_flops"] = r["flops"]
-            out["fast_tflops_per_s"] = r["flops"] / r["s_per_iter"] / 1e12
-            if args.peak_tflops:
-                out["fast_mfu"] = out["fast_tflops_per_s"] / args.peak_tflops
-    if "fast_s" in out and "reference_s" in out:
-        out["ratio"] = out["fast_s"] / out["reference_s"]       # fast / reference (< 1 is faster)
-        out["speedup"] = out["reference_s"] / out["fast_s"]
-        # iterations i of both modes ran back to back: the median of their ratios cancels slow drift
-        out["paired_speedup"] = statistics.median(r / f for r, f in zip(out["reference_times"], out["fast_times"]))
+        for key in PER_MODE:
+            if key in r:
+                out[f"{mode}_{'s' if key == 's_per_iter' else key}"] = r[key]
+    if args.against:
+        out["against_rev"] = args.against
+    for other in ("reference", "against"):
+        if "fast_s" in out and f"{other}_s" in out:
+            # fast / other (< 1: the current code is faster); iterations i of both modes ran back to
+            # back, so the median of their ratios also cancels slow drift
+            prefix = "" if other == "reference" else "against_"
+            out[f"{prefix}ratio"] = out["fast_s"] / out[f"{other}_s"]
+            out[f"{prefix}speedup"] = out[f"{other}_s"] / out["fast_s"]
+            out[f"{prefix}paired_speedup"] = statistics.median(
+                o / f for o, f in zip(out[f"{other}_times"], out["fast_times"]))
     return out
+
+
+CSV_COLUMNS = ("date", "mode", "synfoc_commit", "torch", "device", "threads", "config", "foundation",
+               "image_size", "unet_size", "unet_width", "batch_labeled", "batch_unlabeled", "lora_rank",
+               "num_classes", "grad_checkpointing", "compile", "dtype", "warmup", "iters", "s_per_iter_median",
+               "s_per_iter_min", "s_per_iter_max", "s_per_iter_iqr", "flops_per_iter", "tflops_per_s",
+               "matmul_peak_tflops", "peak_source", "mfu", "peak_memory_mb", "peak_memory_kind",
+               "time_ratio_to_fast", "load_average")
+
+
+def csv_rows(summary: dict, args) -> list[dict]:
+    """One row per timed mode, every column of :data:`CSV_COLUMNS` (empty where not measured)."""
+    date = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    rows = []
+    for mode in MODES:
+        if f"{mode}_s" not in summary:
+            continue
+        get = lambda key: summary.get(f"{mode}_{key}", "")  # noqa: E731
+        rows.append({
+            "date": date, "mode": mode if mode != "against" else f"against {summary.get('against_rev', '')}",
+            "synfoc_commit": get("commit"), "torch": summary["torch"],
+            "device": f"{summary['device'].split(' ')[0]}: {summary['device_model']}", "threads": summary["threads"],
+            "config": summary["config"], "foundation": summary["foundation"], "image_size": summary["image_size"],
+            "unet_size": summary["unet_size"], "unet_width": summary["unet_width"],
+            "batch_labeled": summary["batch"][0], "batch_unlabeled": summary["batch"][1],
+            "lora_rank": args.lora_rank, "num_classes": args.num_classes,
+            "grad_checkpointing": summary["grad_checkpointing"], "compile": summary["compile"],
+            "dtype": get("precision"), "warmup": summary["warmup"], "iters": summary["iters"],
+            "s_per_iter_median": get("s"), "s_per_iter_min": get("s_min"), "s_per_iter_max": get("s_max"),
+            "s_per_iter_iqr": get("s_iqr"), "flops_per_iter": get("flops"), "tflops_per_s": get("tflops_per_s"),
+            "matmul_peak_tflops": get("peak_tflops"), "peak_source": get("peak_source"), "mfu": get("mfu"),
+            "peak_memory_mb": get("peak_mb"), "peak_memory_kind": summary["peak_memory_kind"],
+            "time_ratio_to_fast": "" if mode == "fast" or "fast_s" not in summary else get("s") / summary["fast_s"],
+            "load_average": " ".join(f"{x:.2f}" for x in summary["load_average"]),
+        })
+    return rows
+
+
+def append_csv(path: Path, rows: list[dict]) -> None:
+    """Append ``rows``, with the header first when the file is new; a file with other columns is
+    left alone (its rows would be misread)."""
+    path = Path(path)
+    new = not path.exists() or path.stat().st_size == 0
+    if not new:
+        with path.open(newline="") as f:
+            header = next(csv.reader(f), [])
+        if tuple(header) != CSV_COLUMNS:
+            raise SystemExit(f"{path} has other columns than this script writes; pass another --csv")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=CSV_COLUMNS)
+        if new:
+            writer.writeheader()
+        writer.writerows(rows)
 
 
 def table(summary: dict) -> str:
     peak_label = "peak GPU MiB" if summary["device"].startswith("cuda") else "peak RSS MiB"
-    lines = [f"| mode | device | precision | s/iter (median) | {peak_label} | fast/reference |",
-             "| --- | --- | --- | ---: | ---: | ---: |"]
+    lines = [f"| mode | commit | precision | s/iter (median) | min..max | IQR | GFLOP/iter | TFLOP/s "
+             f"| matmul peak TFLOP/s | MFU | {peak_label} | time / fast |",
+             "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+
+    def num(value, fmt: str) -> str:
+        return "" if value is None else format(value, fmt)
+
     for mode in MODES:
         if f"{mode}_s" not in summary:
             continue
-        ratio = summary[f"{mode}_s"] / summary["reference_s"] if "reference_s" in summary else None
-        lines.append(f"| {mode} | {summary['device']} | {summary[f'{mode}_precision']} | {summary[f'{mode}_s']:.3f} "
-                     f"| {summary[f'{mode}_peak_mb']:.0f} | {'' if ratio is None else f'{ratio:.3f}'} |")
+        get = lambda key: summary.get(f"{mode}_{key}")  # noqa: E731
+        ratio = get("s") / summary["fast_s"] if "fast_s" in summary and mode != "fast" else None
+        name = f"against {summary.get('against_rev', '')}" if mode == "against" else mode
+        lines.append(f"| {name} | {get('commit') or ''} | {get('precision')} | {get('s'):.3f} "
+                     f"| {num(get('s_min'), '.3f')}..{num(get('s_max'), '.3f')} | {num(get('s_iqr'), '.3f')} "
+                     f"| {num(get('flops') and get('flops') / 1e9, '.1f')} | {num(get('tflops_per_s'), '.4f')} "
+                     f"| {num(get('peak_tflops'), '.4f')} | {num(get('mfu') and 100 * get('mfu'), '.1f')}"
+                     f"{'%' if get('mfu') is not None else ''} | {get('peak_mb'):.0f} | {num(ratio, '.3f')} |")
     load = ", ".join(f"{x:.2f}" for x in summary["load_average"])
-    lines.append(f"\n{summary['foundation']} at {summary['image_size']}, U-Net {summary['unet_size']} width "
-                 f"{summary['unet_width']}, batch {summary['batch'][0]}+{summary['batch'][1]}, {summary['iters']} "
-                 f"timed iterations, {summary['threads']} threads, load average {load}")
+    lines.append(f"\n{summary.get('config', 'custom')}: {summary['foundation']} at {summary['image_size']}, "
+                 f"U-Net {summary['unet_size']} width {summary['unet_width']}, batch {summary['batch'][0]}+"
+                 f"{summary['batch'][1]}, {summary['iters']} timed iterations, {summary['threads']} threads, "
+                 f"{summary.get('device_model', summary['device'])}, torch {summary.get('torch', '?')}, "
+                 f"load average {load}")
     if "speedup" in summary:
         lines.append(f"speed-up of fast over reference: {summary['speedup']:.2f}x (ratio of medians); "
                      f"{summary['paired_speedup']:.2f}x (median of the ratios of back-to-back iterations)")
-    if "fast_flops" in summary:
-        lines.append(f"fast iteration: {summary['fast_flops'] / 1e12:.2f} TFLOP, {summary['fast_tflops_per_s']:.1f} TFLOP/s"
-                     + (f", MFU {100 * summary['fast_mfu']:.1f}%" if "fast_mfu" in summary else ""))
+    if "against_speedup" in summary:
+        lines.append(f"speed-up of this code over {summary['against_rev']}: {summary['against_speedup']:.2f}x "
+                     f"(ratio of medians); {summary['against_paired_speedup']:.2f}x (median of the ratios of "
+                     f"back-to-back iterations)")
     return "\n".join(lines)
+
+
+def child_argv(argv: list[str]) -> list[str]:
+    """The parent's options less those only the parent acts on (children get their own --mode)."""
+    with_value, flags = {"--mode", "--against", "--csv"}, {"--json", "--no-csv"}
+    out, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a in with_value:
+            skip = True
+        elif a not in flags and not any(a.startswith(o + "=") for o in with_value):
+            out.append(a)
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -353,23 +538,26 @@ def main(argv: list[str] | None = None) -> int:
     if args.in_process:
         serve(args, args.mode)
         return 0
-    passthrough, skip = [], False
-    for a in argv:  # the children get their own --mode and print no table
-        if skip:
-            skip = False
-        elif a == "--mode":
-            skip = True
-        elif not a.startswith("--mode=") and a != "--json":
-            passthrough.append(a)
     modes = ("fast", "reference") if args.mode == "both" else (args.mode,)
     if args.with_system_malloc and "fast-system-malloc" not in modes:
         modes += ("fast-system-malloc",)
-    results = run_alternating(passthrough, modes, args)
+    with worktree(args.against) if args.against else _nothing() as other:
+        if other is not None:
+            if "fast" not in modes:
+                modes = ("fast",) + modes
+            modes += ("against",)
+        results = run_alternating(child_argv(argv), modes, args, {"against": other} if other else None)
     summary = summarise(results, args)
+    if not args.no_csv:
+        append_csv(args.csv, csv_rows(summary, args))
     print(json.dumps(summary) if args.json else table(summary))
     return 0
 
 
+@contextmanager
+def _nothing():
+    yield None
+
+
 if __name__ == "__main__":
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
     raise SystemExit(main())

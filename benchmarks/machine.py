@@ -1,0 +1,89 @@
+"""What a benchmark number depends on besides the code: the processor, and the peak it can reach.
+
+Imports nothing from synfoc, so that it describes the machine the same way whichever commit of
+synfoc a benchmark is timing.
+"""
+
+from __future__ import annotations
+
+import platform
+import statistics
+import subprocess
+import time
+from pathlib import Path
+
+import torch
+
+# The CPU features that decide which kernels (and which autocast dtype) synfoc gets on the CPU.
+CPU_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16")
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def cpu_flags() -> list[str]:
+    """The :data:`CPU_FLAGS` this CPU has (Linux's /proc/cpuinfo; empty where it cannot be read)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                have = set(line.split(":", 1)[1].split())
+                return [f for f in CPU_FLAGS if f in have]
+    except OSError:
+        pass
+    return []
+
+
+def device_description(device: torch.device) -> str:
+    """The GPU's name, or the CPU model with its relevant flags."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    flags = " ".join(cpu_flags()) or "none of " + " ".join(CPU_FLAGS)
+    return f"{cpu_model()} [{flags}]"
+
+
+def git_describe(root: Path) -> str:
+    """``git describe --always --dirty`` of the repository at ``root`` ('unknown' outside git)."""
+    try:
+        out = subprocess.run(["git", "-C", str(root), "describe", "--always", "--dirty"],
+                             capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        return "unknown"
+    return out.stdout.strip() if out.returncode == 0 and out.stdout.strip() else "unknown"
+
+
+def matmul_flops(n: int) -> int:
+    """Multiply-adds of an (n, n) @ (n, n) product, counted as two FLOPs each (FlopCounterMode's convention)."""
+    return 2 * n**3
+
+
+def matmul_peak(device: torch.device, dtype: torch.dtype, n: int = 2048, repeats: int = 5) -> dict:
+    """TFLOP/s of a large square matmul in ``dtype`` on ``device`` with the current thread count:
+    the median of ``repeats`` timed products after one untimed one (which pays for the kernel choice
+    and the first touch of the output)."""
+    gen = torch.Generator().manual_seed(0)
+    a = torch.randn(n, n, generator=gen).to(device=device, dtype=dtype)
+    b = torch.randn(n, n, generator=gen).to(device=device, dtype=dtype)
+
+    def sync() -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    with torch.no_grad():
+        a @ b
+        sync()
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            a @ b
+            sync()
+            times.append(time.perf_counter() - start)
+    seconds = statistics.median(times)
+    return {"n": n, "dtype": str(dtype).removeprefix("torch."), "repeats": repeats, "seconds": seconds,
+            "tflops": matmul_flops(n) / seconds / 1e12}
