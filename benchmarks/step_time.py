@@ -6,10 +6,6 @@
 ``against``   (with ``--against REV``) the same fast iteration, driven by this script, but with the
               synfoc package of a ``git worktree`` of commit REV: an A/B of two commits of this
               project on the same machine, in alternation.
-``reference`` a straightforward fp32 iteration in the authors' style (``reference_step.py``):
-              the models' modules as their libraries ship them, per-sample CPU
-              augmentation, separate forwards, host synchronisations, no autocast, and the C
-              library's default allocator, as in the authors' script.
 ``fast-system-malloc`` (with ``--with-system-malloc``) the fast iteration with glibc's default
               allocator (``SYNFOC_SYSTEM_MALLOC=1``): what :func:`synfoc.train.keep_freed_memory`,
               which ``synfoc train`` applies on the CPU, is worth on its own.
@@ -69,7 +65,7 @@ if not Path(synfoc.__file__).resolve().is_relative_to(CODE_ROOT):
 sys.path.insert(1, str(Path(__file__).resolve().parent))
 from machine import device_description, git_describe, matmul_peak  # noqa: E402
 
-MODES = ("fast", "against", "reference", "fast-system-malloc")
+MODES = ("fast", "against", "fast-system-malloc")
 
 # The standard configurations: the demo preset (synfoc/presets/demo.yaml), the reduced BUSI
 # protocol, and the paper's BUSI configuration (MedSAM ViT-B at 512, U-Net width 64 at 256, 4+4).
@@ -182,27 +178,6 @@ class FastStep:
             self.trace.append({k: float(v) for k, v in logs.items() if v.numel() == 1})  # not per-instance logs
 
 
-class ReferenceRunner:
-    """Adapter giving :class:`reference_step.ReferenceSynFoC` the same interface as :class:`FastStep`."""
-
-    def __init__(self, args, trace: bool) -> None:
-        from reference_step import ReferenceSynFoC, as_shipped
-        use_cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
-        self.device = torch.device("cuda") if use_cuda else torch.device("cpu")
-        unet, foundation = build_students(args, self.device)
-        n = 2 * max(args.batch_labeled, args.batch_unlabeled)
-        size = foundation.image_size  # the authors augment at the largest input size
-        self.ref = ReferenceSynFoC(as_shipped(unet), as_shipped(foundation),
-                                   synthetic_arrays(n, size, "siteA", args.num_classes),
-                                   synthetic_arrays(n, size, "siteB", args.num_classes), args.unet_size,
-                                   parts_of(args.num_classes), (args.batch_labeled, args.batch_unlabeled),
-                                   self.device, args.seed)
-        self.trace = self.ref.logged if trace else None
-
-    def step(self, t: int, total: int) -> None:
-        self.ref.step(t, total)
-
-
 def count_flops(runner, t: int, total: int) -> int:
     """FLOPs of one iteration (forward + backward), as counted by FlopCounterMode."""
     from torch.utils.flop_counter import FlopCounterMode
@@ -227,7 +202,7 @@ def serve(args, mode: str) -> None:
         torch.set_num_threads(args.threads)
     if mode == "fast-system-malloc":  # the fast step with glibc's default allocator (no keep_freed_memory)
         os.environ["SYNFOC_SYSTEM_MALLOC"] = "1"
-    runner = ReferenceRunner(args, args.trace) if mode == "reference" else FastStep(args, args.trace)
+    runner = FastStep(args, args.trace)
     device = runner.device
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -246,7 +221,7 @@ def serve(args, mode: str) -> None:
             print(f"@@{elapsed}", flush=True)
         elif command == "finish":
             total = int(values[0])
-            bf16 = mode != "reference" and runner.rt.dtype is not None
+            bf16 = runner.rt.dtype is not None
             # before the FLOP count and the matmul, which add nothing the training loop would hold
             result = {"mode": mode, "device": device_name(device), "device_model": device_description(device),
                       **spread(times), "times": times, "peak_mb": peak_memory_mb(device),
@@ -293,8 +268,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--num-classes", type=int, default=1, choices=[1, 2])
     p.add_argument("--batch-labeled", type=int, default=2)
     p.add_argument("--batch-unlabeled", type=int, default=2)
-    p.add_argument("--mode", choices=["fast", "reference", "both", "fast-system-malloc", "against"], default="fast",
-                   help="both: fast and the authors'-style reference, in alternation")
+    p.add_argument("--mode", choices=["fast", "fast-system-malloc", "against"], default="fast",
+                   help=argparse.SUPPRESS)  # "against" is a child's; --with-system-malloc adds the other
     p.add_argument("--against", metavar="REV",
                    help="also time the fast iteration of commit REV of this repository (a git worktree), in alternation")
     p.add_argument("--with-system-malloc", action="store_true",
@@ -303,7 +278,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     p.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto",
-                   help="fast mode's autocast (the reference is always fp32)")
+                   help="autocast (auto: bf16 where the device computes it natively)")
     p.add_argument("--grad-checkpointing", action="store_true", help="recompute encoder blocks in backward")
     p.add_argument("--compile", action="store_true", help="fast mode: torch.compile students and teachers")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
@@ -416,15 +391,12 @@ def summarise(results: dict[str, dict], args) -> dict:
                 out[f"{mode}_{'s' if key == 's_per_iter' else key}"] = r[key]
     if args.against:
         out["against_rev"] = args.against
-    for other in ("reference", "against"):
-        if "fast_s" in out and f"{other}_s" in out:
-            # fast / other (< 1: the current code is faster); iterations i of both modes ran back to
-            # back, so the median of their ratios also cancels slow drift
-            prefix = "" if other == "reference" else "against_"
-            out[f"{prefix}ratio"] = out["fast_s"] / out[f"{other}_s"]
-            out[f"{prefix}speedup"] = out[f"{other}_s"] / out["fast_s"]
-            out[f"{prefix}paired_speedup"] = statistics.median(
-                o / f for o, f in zip(out[f"{other}_times"], out["fast_times"]))
+    if "fast_s" in out and "against_s" in out:
+        # this code / REV (< 1: this code is faster); iterations i of both ran back to back, so the
+        # median of their ratios also cancels slow drift
+        out["against_ratio"] = out["fast_s"] / out["against_s"]
+        out["against_speedup"] = out["against_s"] / out["fast_s"]
+        out["against_paired_speedup"] = statistics.median(a / f for a, f in zip(out["against_times"], out["fast_times"]))
     return out
 
 
@@ -508,9 +480,6 @@ def table(summary: dict) -> str:
                  f"{summary['batch'][1]}, {summary['iters']} timed iterations, {summary['threads']} threads, "
                  f"{summary.get('device_model', summary['device'])}, torch {summary.get('torch', '?')}, "
                  f"load average {load}")
-    if "speedup" in summary:
-        lines.append(f"speed-up of fast over reference: {summary['speedup']:.2f}x (ratio of medians); "
-                     f"{summary['paired_speedup']:.2f}x (median of the ratios of back-to-back iterations)")
     if "against_speedup" in summary:
         lines.append(f"speed-up of this code over {summary['against_rev']}: {summary['against_speedup']:.2f}x "
                      f"(ratio of medians); {summary['against_paired_speedup']:.2f}x (median of the ratios of "
@@ -538,7 +507,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.in_process:
         serve(args, args.mode)
         return 0
-    modes = ("fast", "reference") if args.mode == "both" else (args.mode,)
+    modes = (args.mode,)
     if args.with_system_malloc and "fast-system-malloc" not in modes:
         modes += ("fast-system-malloc",)
     with worktree(args.against) if args.against else _nothing() as other:
