@@ -27,19 +27,30 @@ import torch
 ONEDNN_BF16_ISAS = "AVX-512 BW/VL/DQ, AVX-NE-CONVERT or AMX"
 
 
-@functools.cache
-def cpu_flags() -> frozenset[str]:
-    """The x86 feature flags of the first CPU in ``/proc/cpuinfo``; empty where there is no such file
-    (not Linux) or no ``flags`` line (not x86)."""
+def _cpuinfo_field(name: str) -> str | None:
+    """The value of the first ``name`` line of ``/proc/cpuinfo`` (the first CPU's); None where
+    there is no such file (not Linux) or no such line."""
     try:
         text = Path("/proc/cpuinfo").read_text()
     except OSError:
-        return frozenset()
+        return None
     for line in text.splitlines():
         key, _, value = line.partition(":")
-        if key.strip() == "flags":
-            return frozenset(value.split())
-    return frozenset()
+        if key.strip() == name:
+            return value.strip()
+    return None
+
+
+@functools.cache
+def cpu_flags() -> frozenset[str]:
+    """The x86 feature flags of the first CPU; empty where they cannot be read (not Linux, not x86)."""
+    return frozenset((_cpuinfo_field("flags") or "").split())
+
+
+def cpu_model() -> str:
+    """The processor's name as the OS reports it (``model name``), else the platform's word for it."""
+    import platform
+    return _cpuinfo_field("model name") or platform.processor() or platform.machine()
 
 
 def cpu_has_bf16() -> bool:

@@ -79,11 +79,10 @@ def keep_freed_memory() -> bool:
 
     By default glibc serves every block above a (dynamic, at most 32 MB) threshold with its own
     ``mmap`` and unmaps it on ``free``, and trims the heap's free top. Most activations of a training
-    step are such blocks, so every iteration faulted in and zeroed fresh pages for them: writing a
-    freshly allocated 42 MB tensor took 23 ms against 4 ms for a reused one on the 2-core Xeon.
-    Without ``mmap`` for large blocks and without trimming, the step reuses its own freed memory
-    (measured in RESULTS.md: the benchmark step 4-15% faster on the shared 2-core machine, its peak
-    resident memory 9% higher). Process-wide; only on glibc; ``SYNFOC_SYSTEM_MALLOC=1`` leaves the
+    step are such blocks, so every iteration faulted in and zeroed fresh pages for them, several
+    times slower than writing into reused memory. Without ``mmap`` for large blocks and without
+    trimming, the step reuses its own freed memory (faster, at a somewhat higher peak resident
+    memory; ``benchmarks/step_time.py --with-system-malloc`` measures it). Process-wide; only on glibc; ``SYNFOC_SYSTEM_MALLOC=1`` leaves the
     allocator as it is. Returns whether it was set.
     """
     libc = _glibc()
@@ -96,9 +95,8 @@ def keep_freed_memory() -> bool:
 def release_freed_memory() -> None:
     """Give the free memory kept by :func:`keep_freed_memory` back to the OS (glibc ``malloc_trim``).
 
-    Called at every checkpoint: with freed blocks kept, heap fragmentation let the resident memory
-    of the 256-pixel benchmark step creep from 4641 to 4980 MiB over 40 iterations (RESULTS.md);
-    trimming now and then bounds that, at the cost of faulting pages in again once."""
+    Called at every checkpoint: with freed blocks kept, heap fragmentation lets the resident memory
+    creep up over many iterations; trimming now and then bounds that, at the cost of faulting pages in again once."""
     libc = _glibc()
     if libc is not None:
         libc.malloc_trim(0)
@@ -134,20 +132,13 @@ def make_runtime(cfg: TrainConfig) -> Runtime:
 def environment(rt: Runtime) -> dict:
     """Where a run ran: CPU model and the flags that decide synfoc's kernels, GPU, torch, commit."""
     import subprocess
-    cpu, flags = platform.processor(), set()
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            key, _, value = line.partition(":")
-            if key.strip() == "model name":
-                cpu = value.strip()
-            elif key.strip() == "flags":
-                flags = set(value.split())
+    from synfoc.cpu import cpu_flags, cpu_model
     commit = None
     with contextlib.suppress(OSError, subprocess.SubprocessError):
         src = Path(__file__).resolve().parent
         commit = subprocess.run(["git", "-C", str(src), "describe", "--always", "--dirty", "--abbrev=12"],
                                 capture_output=True, text=True, timeout=10).stdout.strip() or None
-    return {"cpu": cpu, "cpu_flags": sorted(flags & {"avx2", "fma", "avx512f", "avx512bw", "avx512_bf16",
+    return {"cpu": cpu_model(), "cpu_flags": sorted(cpu_flags() & {"avx2", "fma", "avx512f", "avx512bw", "avx512_bf16",
                                                      "amx_bf16", "avx_ne_convert"}),
             "cores": os.cpu_count(), "threads": torch.get_num_threads(),
             "gpu": torch.cuda.get_device_name(rt.device) if rt.device.type == "cuda" else None,
