@@ -236,9 +236,8 @@ class FoldedConv2dBN(nn.Module):
     backward. In train mode it is the plain ``bn(c(x))``.
 
     A strided depthwise convolution that needs an input gradient runs in fp32 under CPU bf16
-    autocast: oneDNN's bf16 backward of it is 3x slower than fp32's, casts included (TinyViT's
-    second patch merging, 4x160x128x128: 109 ms vs 35 ms forward + backward on the 2-core Xeon
-    (`benchmarks/kernels.py`, RESULTS.md)).
+    autocast: oneDNN's bf16 backward of it is several times slower than fp32's, casts included
+    (`benchmarks/kernels.py` times TinyViT's second patch merging both ways).
     """
 
     def __init__(self, conv_bn: nn.Module) -> None:
@@ -277,8 +276,7 @@ def frozen_conv_stage(encoder: nn.Module, images: torch.Tensor) -> torch.Tensor:
     This stage runs at the full input resolution (LiteMedSAM's patch embedding has stride 1) and was
     the largest single cost of a CPU training step. Here every BatchNorm is folded into its
     convolution and each GELU (and the MBConv residual add) is fused into the convolution before
-    it, under the autocast dtype when autocast is on. LiteMedSAM at 256, batch 2, bf16 on the
-    2-core Xeon: 713 ms -> 317 ms (`benchmarks/kernels.py`, RESULTS.md).
+    it, under the autocast dtype when autocast is on (`benchmarks/kernels.py` times both ways).
     """
     if not _is_frozen_conv_stage(encoder) or (torch.is_grad_enabled() and images.requires_grad):
         return encoder.layers[0](encoder.patch_embed(images))
@@ -310,7 +308,7 @@ class TinyViTWindowAttention(nn.Module):
     * CPU bf16 autocast with a gradient (the student): explicit bf16 matmul-softmax-matmul, for the
       49-token and the 196-token windows alike (PyTorch's fused CPU kernel has a bf16 backward 2-4x
       slower than its fp32 one, and in fp32 it is slower than the explicit bf16 sequence once freed
-      memory is reused, :func:`synfoc.train.keep_freed_memory`; times in RESULTS.md);
+      memory is reused, :func:`synfoc.train.keep_freed_memory`; `benchmarks/kernels.py`);
     * everywhere else (fp32, CUDA): the fused kernel in the input dtype.
     """
 

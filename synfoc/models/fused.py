@@ -154,10 +154,8 @@ class _Conv3x3MatmulWeightGrad(torch.autograd.Function):
 class Conv3x3(nn.Conv2d):
     """``nn.Conv2d(cin, cout, 3, padding=1, bias=False)`` (same parameters) whose weight gradient,
     under CPU bf16 autocast on maps of at most 16x16 pixels, is one matrix product of the output
-    gradient with the unfolded input. oneDNN's weight gradient is slow there: forward + backward of
-    the U-Net's 1024 -> 1024 convolution at 16x16, batch 4, 188.8 ms vs 156.3 ms, and of the
-    512 -> 1024 one 89.9 vs 79.3 ms on the 2-core Xeon (``benchmarks/kernels.py``); at 32x32 and
-    above oneDNN's weight gradient was as fast or faster (RESULTS.md, stops 12-15). It calls only
+    gradient with the unfolded input. oneDNN's weight gradient is slow on such small maps and as fast
+    or faster from 32x32 on (``benchmarks/kernels.py`` times both). It calls only
     public operators, which pick a kernel the CPU has, so it needs no CPU check."""
 
     def __init__(self, cin: int, cout: int) -> None:
@@ -194,10 +192,9 @@ class ConvTranspose2x2(nn.ConvTranspose2d):
     output block, which a view rearranges into the upsampled map. Forward and backward are ordinary
     matmul and view operations.
 
-    oneDNN's weight gradient of the transposed convolution is slow: on the 2-core Xeon, bf16
-    channels-last, batch 4, forward + backward of the U-Net's four upsamplings took 246 ms as
-    transposed convolutions and 125 ms as matrix products, and the mask decoder's two 70 -> 40 ms
-    (RESULTS.md). Other shapes use the transposed convolution.
+    oneDNN's weight gradient of the transposed convolution is slow: in bf16 channels-last the
+    U-Net's upsamplings and the mask decoder's run about twice as fast as matrix products
+    (``benchmarks/kernels.py``). Other shapes use the transposed convolution.
     """
 
     def forward(self, x: torch.Tensor, output_size: list[int] | None = None) -> torch.Tensor:

@@ -47,7 +47,7 @@ def independent_batches(model: nn.Module, groups: int):
 
 def _double_conv(cin: int, cout: int) -> nn.Sequential:
     """(3x3 conv, BatchNorm, ReLU) twice. Folding the BatchNorms and fusing the ReLUs for inference
-    was tried and measured no faster on the CPU (see benchmarks/RESULTS.md, stop 10)."""
+    was tried and measured no faster on the CPU."""
     return nn.Sequential(
         Conv3x3(cin, cout), BatchNorm2d(cout), nn.ReLU(inplace=True),
         Conv3x3(cout, cout), BatchNorm2d(cout), nn.ReLU(inplace=True),
