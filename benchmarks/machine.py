@@ -6,6 +6,7 @@ synfoc a benchmark is timing.
 
 from __future__ import annotations
 
+import csv
 import platform
 import statistics
 import subprocess
@@ -87,3 +88,21 @@ def matmul_peak(device: torch.device, dtype: torch.dtype, n: int = 2048, repeats
     seconds = statistics.median(times)
     return {"n": n, "dtype": str(dtype).removeprefix("torch."), "repeats": repeats, "seconds": seconds,
             "tflops": matmul_flops(n) / seconds / 1e12}
+
+
+def append_csv(path: Path, columns: tuple[str, ...], rows: list[dict]) -> None:
+    """Append ``rows`` to the CSV file ``path``, with the header first when the file is new. A file
+    with other columns is refused (its rows would be misread)."""
+    path = Path(path)
+    new = not path.exists() or path.stat().st_size == 0
+    if not new:
+        with path.open(newline="") as f:
+            header = next(csv.reader(f), [])
+        if tuple(header) != tuple(columns):
+            raise SystemExit(f"{path} has other columns than this script writes; pass another --csv")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(columns))
+        if new:
+            writer.writeheader()
+        writer.writerows(rows)

@@ -3,7 +3,8 @@
 Generates realistic blob-like ground-truth masks (smoothed noise, one to three organs per slice)
 and predictions that are perturbed copies (shifted, boundary noise, a false-positive speck,
 sometimes empty), times medpy's ``dc, jc, hd95, asd`` per slice against the batched path, checks
-that they agree to 1e-6 and prints a Markdown table.
+that they agree to 1e-6, prints a Markdown table and appends one row to
+benchmarks/results/metrics_speed.csv (``--csv``).
 
     python benchmarks/metrics_speed.py [--n 64] [--size 256] [--seed 0] [--repeats 3]
 """
@@ -11,13 +12,23 @@ that they agree to 1e-6 and prints a Markdown table.
 from __future__ import annotations
 
 import argparse
+import datetime
 import time
+from pathlib import Path
 
 import numpy as np
 from medpy.metric import binary as medpy_binary
 from scipy.ndimage import gaussian_filter, shift
 
+from machine import append_csv, device_description, git_describe
+
+import torch
+
 from synfoc.metrics import batch_binary_metrics
+
+ROOT = Path(__file__).resolve().parents[1]
+CSV_COLUMNS = ("date", "synfoc_commit", "torch", "device", "threads", "n", "size", "repeats", "medpy_s",
+               "synfoc_s", "speedup", "max_abs_difference")
 
 
 def blob_mask(rng: np.random.Generator, size: int) -> np.ndarray:
@@ -78,6 +89,8 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=256, help="slice side in pixels")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--repeats", type=int, default=3, help="timing repeats (best is kept)")
+    parser.add_argument("--csv", type=Path, default=ROOT / "benchmarks" / "results" / "metrics_speed.csv",
+                        help="CSV file the row is appended to")
     args = parser.parse_args()
 
     preds, gts = make_batch(args.n, args.size, args.seed)
@@ -99,6 +112,13 @@ def main() -> None:
             f"| {name} | {seconds:.3f} | {1000 * seconds / args.n:.2f} "
             f"| {medpy_seconds / seconds:.1f}x |"
         )
+    append_csv(args.csv, CSV_COLUMNS, [{
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "synfoc_commit": git_describe(ROOT), "torch": torch.__version__,
+        "device": device_description(torch.device("cpu")), "threads": torch.get_num_threads(),
+        "n": args.n, "size": args.size, "repeats": args.repeats, "medpy_s": f"{medpy_seconds:.4f}",
+        "synfoc_s": f"{batch_seconds:.4f}", "speedup": f"{medpy_seconds / batch_seconds:.2f}",
+        "max_abs_difference": f"{worst:.1e}"}])
 
 
 if __name__ == "__main__":

@@ -33,7 +33,6 @@ values. ViT models without ``--checkpoint`` get random weights (same shapes and 
 from __future__ import annotations
 
 import argparse
-import csv
 import datetime
 import json
 import os
@@ -63,7 +62,7 @@ if not Path(synfoc.__file__).resolve().is_relative_to(CODE_ROOT):
     raise SystemExit(f"synfoc was imported from {synfoc.__file__}, not from {CODE_ROOT}")
 
 sys.path.insert(1, str(Path(__file__).resolve().parent))
-from machine import device_description, git_describe, matmul_peak  # noqa: E402
+from machine import append_csv, device_description, git_describe, matmul_peak  # noqa: E402
 
 MODES = ("fast", "against", "fast-system-malloc")
 
@@ -436,24 +435,6 @@ def csv_rows(summary: dict, args) -> list[dict]:
     return rows
 
 
-def append_csv(path: Path, rows: list[dict]) -> None:
-    """Append ``rows``, with the header first when the file is new; a file with other columns is
-    left alone (its rows would be misread)."""
-    path = Path(path)
-    new = not path.exists() or path.stat().st_size == 0
-    if not new:
-        with path.open(newline="") as f:
-            header = next(csv.reader(f), [])
-        if tuple(header) != CSV_COLUMNS:
-            raise SystemExit(f"{path} has other columns than this script writes; pass another --csv")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("a", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=CSV_COLUMNS)
-        if new:
-            writer.writeheader()
-        writer.writerows(rows)
-
-
 def table(summary: dict) -> str:
     peak_label = "peak GPU MiB" if summary["device"].startswith("cuda") else "peak RSS MiB"
     lines = [f"| mode | commit | precision | s/iter (median) | min..max | IQR | GFLOP/iter | TFLOP/s "
@@ -518,7 +499,7 @@ def main(argv: list[str] | None = None) -> int:
         results = run_alternating(child_argv(argv), modes, args, {"against": other} if other else None)
     summary = summarise(results, args)
     if not args.no_csv:
-        append_csv(args.csv, csv_rows(summary, args))
+        append_csv(args.csv, CSV_COLUMNS, csv_rows(summary, args))
     print(json.dumps(summary) if args.json else table(summary))
     return 0
 

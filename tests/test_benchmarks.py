@@ -73,12 +73,12 @@ def test_step_time_appends_one_csv_row_with_its_utilisation(tmp_path):
     assert float(row["mfu"]) == pytest.approx(achieved / peak, rel=1e-9)
     assert "| fast |" in proc.stdout and "MFU" in proc.stdout  # the table too
 
-    step_time.append_csv(path, [dict(row, mode="again")])  # a second run: a row, no second header
+    machine.append_csv(path, step_time.CSV_COLUMNS, [dict(row, mode="again")])  # a second run: a row, no second header
     assert [r[1] for r in csv.reader(path.open(newline=""))] == ["mode", "fast", "again"]
     other = tmp_path / "other.csv"
     other.write_text("date,mode\n")
     with pytest.raises(SystemExit, match="other columns"):
-        step_time.append_csv(other, [row])
+        machine.append_csv(other, step_time.CSV_COLUMNS, [row])
 
 
 def test_named_configurations_resolve_to_their_documented_sizes():
