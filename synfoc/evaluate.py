@@ -168,12 +168,29 @@ def markdown_table(summary: dict, domains: list[str]) -> str:
         m = res["mean"]
         lines.append(f"| {summary['method']} ({names.get(kind, kind)}) | " + " | ".join(cells)
                      + f" | {100 * m['dice']:.2f} | {100 * m['jaccard']:.2f} | {m['hd95']:.2f} | {m['asd']:.2f} |")
+    lines += part_lines(summary, domains, names)
     absent = {d: res["per_domain"][d]["absent_classes"] for res in summary["students"].values()
               for d in domains if "absent_classes" in res["per_domain"].get(d, {})}
     if absent:
         lines.append("\nLeft out of the domain means (absent from prediction and truth in every test case): "
                      + "; ".join(f"{d}: {', '.join(c)}" for d, c in absent.items()))
     return "\n".join(lines) + "\n"
+
+
+def part_lines(summary: dict, domains: list[str], names: dict) -> list[str]:
+    """With several reported parts (classes or regions: cup and disc), a second table of DSC per
+    part, per domain and averaged over the domains."""
+    lines = []
+    for kind, res in summary["students"].items():
+        parts = [d.get("classes", {}) for d in res["per_domain"].values()]
+        for part in dict.fromkeys(p for classes in parts for p in classes):
+            dice = {d: c["classes"][part]["dice"] for d, c in res["per_domain"].items() if part in c.get("classes", {})}
+            cells = [f"{100 * dice[d]:.2f}" if d in dice else "-" for d in domains]
+            lines.append(f"| {summary['method']} ({names.get(kind, kind)}) | {part} | " + " | ".join(cells)
+                         + f" | {100 * float(np.mean(list(dice.values()))):.2f} |")
+    head = ["", "DSC per part:", "", "| Method | part | " + " | ".join(domains) + " | DSC Avg |",
+            "|" + "---|" * (len(domains) + 3)]
+    return head + lines if lines else []
 
 
 def write_evaluation(rows: list[dict], out: Path, cfg, index, selection: str = "final") -> dict:

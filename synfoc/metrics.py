@@ -303,3 +303,18 @@ def batch_multiclass_metrics(
         for slice_result, part_result in zip(results, per_slice):
             slice_result[name] = part_result
     return results
+
+
+def dice_per_part(a_label: np.ndarray, b_label: np.ndarray, parts: Parts) -> dict[str, float]:
+    """Dice per part between two label maps of any shape (2D image, 3D volume), with the empty
+    rule of :func:`binary_metrics` (1 when the part is in neither). Symmetric in ``a`` and ``b``:
+    ``synfoc predict`` uses it for the agreement of two students' masks."""
+    a_label, b_label = np.asarray(a_label), np.asarray(b_label)
+    _check_same_shape(a_label, b_label)
+    scores = {}
+    for name, values in _check_parts(parts):
+        a, b = np.isin(a_label, values), np.isin(b_label, values)
+        dice, _ = _overlap_metrics(int(np.count_nonzero(a)), int(np.count_nonzero(b)),
+                                   int(np.count_nonzero(a & b)))
+        scores[name] = dice
+    return scores

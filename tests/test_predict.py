@@ -78,7 +78,7 @@ class Threshold(nn.Module):
 
 
 def threshold_predictor(axis: int = 2, size: int = 64) -> predict.Predictor:
-    return predict.Predictor(kind="unet", model=Threshold(), input_size=size, channels=1,
+    return predict.Predictor(kind="unet", students={"unet": predict.Student(Threshold(), size)}, channels=1,
                              parts=[("fg", (1,))], slice_axis=axis, intensity_window=None,
                              device=torch.device("cpu"), autocast=contextlib.nullcontext)
 
@@ -161,9 +161,9 @@ def test_missing_student_is_a_clear_error(run, tmp_path):
 def test_default_student_is_the_foundation_model(run, tmp_path_factory):
     both = tiny_run(tmp_path_factory.getbasetemp(), foundation=True)
     foundation = predict.make_predictor(both, device="cpu")
-    assert foundation.kind == "foundation" and foundation.input_size == TINY["image_size"]
+    assert foundation.kind == "foundation" and foundation.students["foundation"].input_size == TINY["image_size"]
     unet = predict.make_predictor(run, device="cpu")  # a run without a foundation student
-    assert unet.kind == "unet" and unet.input_size == TINY["unet_size"]
+    assert unet.kind == "unet" and unet.students["unet"].input_size == TINY["unet_size"]
 
 
 def test_cli_wiring(run, tmp_path):

@@ -88,6 +88,13 @@ def _counts(index: DatasetIndex) -> dict[str, dict[str, int]]:
     return {d: {s: len(index.cases_of(d, s)) for s in ("train", "test")} for d in index.domains}
 
 
+def regions(index: DatasetIndex) -> dict[str, list[int]]:
+    """The reported regions {name: training labels} when they are not simply one per class
+    (Fundus disc/cup, a folder dataset's declared ``regions``), else {}."""
+    parts = {name: list(values) for name, values in index.report_parts}
+    return {} if parts == {c: [i + 1] for i, c in enumerate(index.classes)} else parts
+
+
 def data_check_main(path: str, format: str = "auto", as_json: bool = False) -> int:
     """``synfoc data check PATH [--format F] [--json]``: exit code 0 when no problems, else 1."""
     try:
@@ -102,11 +109,15 @@ def data_check_main(path: str, format: str = "auto", as_json: bool = False) -> i
     summary = scan_dataset(index, progress=not as_json)
     if as_json:
         print(json.dumps({"format": index.format, "domains": _counts(index), "classes": list(index.classes),
+                          **({"regions": regions(index)} if regions(index) else {}),
                           "problems": [{"file": p.file, "problem": p.problem} for p in summary.problems]},
                          indent=2))
     else:
         print(f"dataset {index.root} (format {index.format}, {index.channels} channel(s))")
         print(f"classes: {', '.join(f'{i + 1}={c}' for i, c in enumerate(index.classes)) or 'none'}")
+        if regions(index):
+            print("reported regions: " + "; ".join(
+                f"{name} = {' + '.join(index.classes[v - 1] for v in values)}" for name, values in regions(index).items()))
         for domain, counts in _counts(index).items():
             print(f"  {domain:<12} train {counts['train']:>5}   test {counts['test']:>5}")
         if summary.min_size is not None:

@@ -7,11 +7,12 @@ written back as a volume. ``ROOT/dataset.json`` (in the spirit of nnU-Net) may s
 
     {"labels": {"background": 0, "tumour": 1, "oedema": 2},
      "domains": ["siteA", "siteB"], "channels": 1, "slice_axis": 2,
-     "intensity_window": [-100, 300]}
+     "intensity_window": [-100, 300], "regions": {"lesion": [1, 2], "core": [2]}}
 
 Without it the domains are the sub-folders in sorted order, the channels follow the first image
 and the labels are discovered: the values found in the masks, in sorted order (0/255 masks are
-one class). See docs/data.md.
+one class). ``regions`` (nested regions, as nnU-Net calls them) name unions of mask values that are
+reported instead of the single classes (metrics, tables, SMC, report). See docs/data.md.
 """
 
 from __future__ import annotations
@@ -48,6 +49,48 @@ class DatasetDescription:
     channels: int | None = None
     slice_axis: int | None = None
     intensity_window: tuple[float, float] | None = None
+    regions: dict[str, tuple[int, ...]] | None = None
+
+
+def _read_regions(raw, path: Path) -> dict[str, tuple[int, ...]]:
+    """``"regions": {name: [mask values]}`` checked for its form; whether the values are classes is
+    checked once the labels are known (:func:`region_parts`)."""
+    if not isinstance(raw, dict) or not raw:
+        raise DataError(f"{path}: 'regions' must map region names to lists of label values, "
+                        f"e.g. {{\"disc\": [1, 2], \"cup\": [2]}}; got {raw!r}")
+    regions = {}
+    for name, values in raw.items():
+        where = f"{path}: region {name!r}"
+        if not name.strip():
+            raise DataError(f"{path}: 'regions' has a region without a name")
+        if not isinstance(values, list):
+            raise DataError(f"{where} must be a list of label values, not {values!r}")
+        if not values:
+            raise DataError(f"{where} is empty: list the label values it merges")
+        for v in values:
+            if not isinstance(v, int) or isinstance(v, bool):
+                raise DataError(f"{where}: {v!r} is not an integer label value")
+        if len(set(values)) != len(values):
+            raise DataError(f"{where} lists a label value twice: {values}")
+        regions[name] = tuple(values)
+    return regions
+
+
+def region_parts(regions: dict[str, tuple[int, ...]], label_values: list[int], classes: list[str],
+                 path: Path) -> list[tuple[str, tuple[int, ...]]]:
+    """The reported parts of declared regions: each region's mask values as training labels
+    (mask value ``label_values[i]`` is label ``i + 1``). A value that is no class is an error
+    naming ``path`` (dataset.json), the region and the value."""
+    known = ", ".join(f"{v} ({c})" for v, c in zip(label_values, classes)) or "none"
+    parts = []
+    for name, values in regions.items():
+        for v in values:
+            if v not in label_values:
+                what = "is the background" if v == 0 else "is not among the classes"
+                raise DataError(f"{path}: region {name!r} lists label value {v}, which {what}; "
+                                f"the classes' mask values are {known}")
+        parts.append((name, tuple(sorted(label_values.index(v) + 1 for v in values))))
+    return parts
 
 
 def read_description(root: Path) -> DatasetDescription:
@@ -90,6 +133,8 @@ def read_description(root: Path) -> DatasetDescription:
                 or not all(isinstance(v, (int, float)) for v in window) or window[0] >= window[1]):
             raise DataError(f"{path}: 'intensity_window' must be [low, high] with low < high")
         desc.intensity_window = (float(window[0]), float(window[1]))
+    if "regions" in raw:
+        desc.regions = _read_regions(raw["regions"], path)
     return desc
 
 
@@ -383,6 +428,8 @@ def open_folder(path: Path, slice_axis: int | None = None) -> FolderIndex:
         problems.append(Problem(str(root), "no foreground label: every mask is empty and "
                                 f"{DATASET_JSON} declares no labels"))
     channels = desc.channels if desc.channels is not None else _infer_channels(cases)
+    parts = (region_parts(desc.regions, label_values, classes, root / DATASET_JSON)
+             if desc.regions is not None else None)
     return FolderIndex(format="folder", root=root, classes=classes, domains=domains, channels=channels,
-                       cases=cases, problems=problems, label_values=label_values, slice_axis=axis,
-                       intensity_window=desc.intensity_window)
+                       cases=cases, problems=problems, report_parts=parts, label_values=label_values,
+                       slice_axis=axis, intensity_window=desc.intensity_window)
