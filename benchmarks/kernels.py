@@ -1,4 +1,6 @@
-"""The kernel choices of the CPU fast path, each timed against the plain alternative it replaced.
+"""The kernels of :mod:`synfoc.accel`, each timed against the plain module it replaces (one row per
+shape, named by the kernel's entry in ``synfoc.accel.KERNELS``), and the choices the plain models and
+the training step make between equivalent PyTorch operations.
 
 Every pair runs in alternation (median of ``--reps`` after one warm-up), so a machine whose speed
 drifts slows both sides alike, with freed memory kept for reuse as in training
@@ -19,9 +21,8 @@ import synfoc  # noqa: F401  (OpenMP passive waiting, as in training)
 import torch
 import torch.nn.functional as F
 
+from synfoc import accel
 from synfoc.models import build_foundation_model, build_unet
-from synfoc.models import fused as fused_kernels
-from synfoc.models.foundation import FoldedConv2dBN, TinyViTWindowAttention, frozen_conv_stage
 from synfoc.models.lora import LoRAQKV, tinyvit_qv_indices
 from synfoc.train import keep_freed_memory
 
@@ -48,44 +49,70 @@ def fwd_bwd(fn, x: torch.Tensor):
     return run
 
 
-def frozen_stage_rows(reps: int):
-    model = build_foundation_model("litemedsam", 1, image_size=256).to(memory_format=torch.channels_last)
-    enc = model.image_encoder  # channels_last, as the training loop lays it out under bf16
+def _accelerated(module: torch.nn.Module, name: str) -> torch.nn.Module:
+    """A copy of ``module`` with the kernel ``name`` of synfoc.accel swapped in."""
+    return accel.accelerate(copy.deepcopy(module), "cpu", [name])
+
+
+def frozen_stage_rows(model, reps: int):
+    plain = model.image_encoder  # channels_last, as the training loop lays it out under bf16
+    fast = _accelerated(plain, "tinyvit_fused_convs")
     x = torch.rand(2, 1, 256, 256).contiguous(memory_format=torch.channels_last).expand(-1, 3, -1, -1)
-    plain = copy.deepcopy(enc)  # the vendored modules' own path: unfolded BatchNorm, separate GELU
-    for module in plain.modules():
-        if isinstance(module, FoldedConv2dBN):
-            module.forward = lambda y, m=module: m.bn(m.c(y))
 
-    def fused():
-        with torch.inference_mode(), torch.autocast("cpu", dtype=BF16):
-            frozen_conv_stage(enc, x)
-
-    def modules():
-        with torch.inference_mode(), torch.autocast("cpu", dtype=BF16):
-            plain.layers[0](plain.patch_embed(x))
-    yield "TinyViT patch embedding + first stage, 2x256x256, bf16 inference", "modules", "folded + fused", timed_pair(modules, fused, reps)
+    def stage(encoder):
+        def run():
+            with torch.inference_mode(), torch.autocast("cpu", dtype=BF16):
+                encoder.layers[0](encoder.patch_embed(x))
+        return run
+    yield ("tinyvit_fused_convs: TinyViT patch embedding + first stage, 2x256x256, bf16 inference", "modules",
+           "folded + fused", timed_pair(stage(plain), stage(fast), reps))
 
 
 def attention_rows(model, reps: int):
-    blocks = [m for m in model.image_encoder.modules() if isinstance(m, TinyViTWindowAttention)]
-    for attention, windows in ((blocks[0], 1444), (blocks[2], 100)):
-        tokens = attention.attention_bias_idxs.shape[0]
-        x = torch.randn(windows, tokens, attention.norm.normalized_shape[0], dtype=BF16, requires_grad=True)
-        chosen = fwd_bwd(lambda y, a=attention: a(y), x)
-
-        def fused_fp32(y, a=attention):
-            n = y.shape[1]
-            heads = a.qkv(a.norm(y)).view(y.shape[0], n, a.num_heads, -1).transpose(1, 2)
-            bias = a.attention_biases[:, a.attention_bias_idxs].unsqueeze(0)
-            with torch.autocast("cpu", enabled=False):
-                q, k, v = (t.float() for t in heads.split([a.key_dim, a.key_dim, a.d], dim=3))
-                out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias.float(), scale=a.scale).to(y.dtype)
-            return a.proj(out.transpose(1, 2).reshape(y.shape[0], n, a.dh))
-
+    blocks = [block.attn for layer in model.image_encoder.layers[1:] for block in layer.blocks]
+    for plain, windows in ((blocks[0], 1444), (blocks[2], 100)):
+        fast = _accelerated(plain, "tinyvit_attention")
+        tokens = plain.attention_bias_idxs.shape[0]
+        x = torch.randn(windows, tokens, plain.norm.normalized_shape[0], dtype=BF16, requires_grad=True)
         with torch.autocast("cpu", dtype=BF16):
-            times = timed_pair(fwd_bwd(fused_fp32, x), chosen, reps)
-        yield (f"student window attention, {windows} windows x {tokens} tokens, fwd+bwd", "fused fp32", "explicit bf16", times)
+            times = timed_pair(fwd_bwd(plain, x), fwd_bwd(fast, x), reps)
+        yield (f"tinyvit_attention: student window attention, {windows} windows x {tokens} tokens, fwd+bwd",
+               "vendored", "chosen kernel", times)
+        with torch.inference_mode(), torch.autocast("cpu", dtype=BF16):
+            times = timed_pair(lambda: plain(x), lambda: fast(x), reps)
+        yield (f"tinyvit_attention: teacher window attention, {windows} windows x {tokens} tokens, forward",
+               "vendored", "chosen kernel", times)
+
+
+def accel_rows(model, reps: int):
+    unet = build_unet(1, 1, 64).to(memory_format=torch.channels_last)
+    for up, side in ((unet.up[0].up, 16), (unet.up[3].up, 128)):
+        fast = _accelerated(up, "upsampling_matmul")
+        x = torch.randn(4, up.in_channels, side, side, dtype=BF16).contiguous(memory_format=torch.channels_last)
+        x.requires_grad_()
+        with torch.autocast("cpu", dtype=BF16):
+            yield (f"upsampling_matmul: U-Net upsampling {up.in_channels} -> {up.out_channels} at {side}x{side}, "
+                   "batch 4, fwd+bwd", "ConvTranspose2d", "matmul", timed_pair(fwd_bwd(up, x), fwd_bwd(fast, x), reps))
+
+    norm = model.mask_decoder.output_upscaling[1]          # LayerNorm2d after the first 2x upsampling
+    fast = _accelerated(norm, "channel_layer_norm")
+    x = torch.randn(4, norm.weight.shape[0], 128, 128, dtype=BF16).contiguous(memory_format=torch.channels_last)
+    x.requires_grad_()
+    with torch.autocast("cpu", dtype=BF16):
+        yield (f"channel_layer_norm: mask decoder LayerNorm2d, 4x{norm.weight.shape[0]}x128x128, fwd+bwd",
+               "LayerNorm2d", "F.layer_norm", timed_pair(fwd_bwd(norm, x), fwd_bwd(fast, x), reps))
+
+    encoder = model.image_encoder
+    side = encoder.layers[1].input_resolution[0]
+    for what, conv_bn in (("strided depthwise (patch merging)", encoder.layers[1].downsample.conv2),
+                          ("depthwise (block local_conv)", encoder.layers[1].blocks[0].local_conv)):
+        fast = _accelerated(conv_bn, "folded_conv_bn")
+        channels = conv_bn.c.in_channels
+        x = torch.randn(4, channels, side, side, dtype=BF16).contiguous(memory_format=torch.channels_last)
+        x.requires_grad_()
+        with torch.autocast("cpu", dtype=BF16):
+            yield (f"folded_conv_bn: TinyViT {what} 3x3, 4x{channels}x{side}x{side}, fwd+bwd", "conv + BatchNorm",
+                   "folded", timed_pair(fwd_bwd(conv_bn, x), fwd_bwd(fast, x), reps))
 
 
 def small_rows(reps: int):
@@ -97,12 +124,6 @@ def small_rows(reps: int):
     g_mixed, g_same = torch.randn(4, 32, 256, 256, dtype=BF16), torch.randn_like(x)
     yield "GELU backward, 4x32x256x256 bf16", "mixed layouts", "same layout", timed_pair(
         lambda: torch.ops.aten.gelu_backward(g_mixed, x), lambda: torch.ops.aten.gelu_backward(g_same, x), reps)
-
-    w = torch.randn(160, 1, 3, 3)
-    xd = torch.randn(4, 160, 128, 128, dtype=BF16).contiguous(memory_format=torch.channels_last).requires_grad_()
-    yield "depthwise 3x3 stride 2, 4x160x128x128, fwd+bwd", "bf16", "fp32 with casts", timed_pair(
-        fwd_bwd(lambda y: F.conv2d(y, w.to(BF16), None, 2, 1, 1, 160), xd),
-        fwd_bwd(lambda y: F.conv2d(y.float(), w, None, 2, 1, 1, 160).to(BF16), xd), reps)
 
     weight, down, up = torch.randn(384, 128), torch.randn(8, 128, requires_grad=True), torch.randn(384, 8, requires_grad=True)
     xl = torch.randn(70756, 128, dtype=BF16, requires_grad=True)
@@ -145,45 +166,6 @@ def small_rows(reps: int):
 
 
 
-def linear_rows(reps: int):
-    for tokens, cin, cout, what in ((65536, 128, 512, "stage-2 MLP first layer"), (19600, 320, 960, "stage-4 qkv")):
-        x = torch.randn(tokens, cin, dtype=BF16)
-        w, b = torch.randn(cout, cin), torch.randn(cout)
-        with torch.autocast("cpu", dtype=BF16):
-            yield (f"TinyViT {what}, {tokens}x{cin} -> {cout}, bf16 forward", "F.linear", "bias in the matmul",
-                   timed_pair(lambda: F.linear(x, w, b), lambda: fused_kernels.linear(x, w, b), reps))
-    x = torch.randn(32768, 128, dtype=BF16)
-    w, b = torch.randn(512, 128), torch.randn(512)
-    with torch.inference_mode(), torch.autocast("cpu", dtype=BF16):
-        yield ("teacher MLP first layer + GELU, 32768x128 -> 512, bf16", "F.linear, F.gelu", "GELU in the matmul",
-               timed_pair(lambda: F.gelu(F.linear(x, w, b)), lambda: fused_kernels.linear(x, w, b, gelu=True), reps))
-
-    conv = torch.nn.Conv2d(256, 64, 1)
-    xc = torch.randn(4, 256, 256, 256, dtype=BF16).contiguous(memory_format=torch.channels_last)
-    residual = torch.randn(4, 64, 256, 256, dtype=BF16).contiguous(memory_format=torch.channels_last)
-    weight, bias = conv.weight.detach(), conv.bias.detach()
-
-    def projection(pixels_as_matmul):
-        def run():
-            saved = fused_kernels._LINEAR_POINTWISE
-            fused_kernels._LINEAR_POINTWISE = pixels_as_matmul and saved
-            try:
-                fused_kernels.conv_pointwise(xc, weight, bias, conv, None, residual)
-            finally:
-                fused_kernels._LINEAR_POINTWISE = saved
-        return run
-    yield ("MBConv 1x1 projection + residual, 4x256x256x256 -> 64, bf16", "convolution + add", "matmul + add",
-           timed_pair(projection(False), projection(True), reps))
-
-    for cin, cout in ((512, 1024), (1024, 1024)):
-        fast = fused_kernels.Conv3x3(cin, cout).to(memory_format=torch.channels_last)
-        plain = lambda y, c=fast: F.conv2d(y, c.weight, None, 1, 1)  # noqa: E731
-        xs = torch.randn(4, cin, 16, 16, dtype=BF16).contiguous(memory_format=torch.channels_last).requires_grad_()
-        with torch.autocast("cpu", dtype=BF16):
-            yield (f"U-Net 3x3 convolution {cin} -> {cout} at 16x16, batch 4, fwd+bwd", "oneDNN weight gradient",
-                   "matmul weight gradient", timed_pair(fwd_bwd(plain, xs), fwd_bwd(fast, xs), reps))
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--reps", type=int, default=7)
@@ -193,16 +175,12 @@ def main() -> None:
 
     def row(name, before, after, times):
         print(f"| {name} | {before} | {times[0]:.1f} | {after} | {times[1]:.1f} | {times[0] / times[1]:.2f}x |", flush=True)
-    stage = frozen_stage_rows(args.reps)
-    for r in stage:
-        row(*r)
-    model = build_foundation_model("litemedsam", 1, image_size=256).train()
-    for r in attention_rows(model, args.reps):
-        row(*r)
-    for r in small_rows(args.reps):
-        row(*r)
-    for r in linear_rows(args.reps):
-        row(*r)
+    # LiteMedSAM at 256 in the training loop's layout (channels_last under bf16); the encoder stays in eval mode
+    model = build_foundation_model("litemedsam", 1, image_size=256).train().to(memory_format=torch.channels_last)
+    for rows in (frozen_stage_rows(model, args.reps), attention_rows(model, args.reps), accel_rows(model, args.reps),
+                 small_rows(args.reps)):
+        for r in rows:
+            row(*r)
 
 
 if __name__ == "__main__":

@@ -6,6 +6,9 @@
 ``against``   (with ``--against REV``) the same fast iteration, driven by this script, but with the
               synfoc package of a ``git worktree`` of commit REV: an A/B of two commits of this
               project on the same machine, in alternation.
+``fast-no-accel`` (with ``--with-no-accel``) the fast iteration with the plain models, without
+              :func:`synfoc.accel.accelerate`, which ``synfoc train`` applies: what the kernels it
+              swaps in are worth to a whole step (``--accel-kernels`` limits the fast mode to some).
 ``fast-system-malloc`` (with ``--with-system-malloc``) the fast iteration with glibc's default
               allocator (``SYNFOC_SYSTEM_MALLOC=1``): what :func:`synfoc.train.keep_freed_memory`,
               which ``synfoc train`` applies on the CPU, is worth on its own.
@@ -24,6 +27,7 @@ step's achieved TFLOP/s over that matmul's. One CSV row per mode is appended to 
 
     python benchmarks/step_time.py --config reduced --iters 5
     python benchmarks/step_time.py --config reduced --against 7a99b5b --iters 10
+    python benchmarks/step_time.py --config reduced --with-no-accel --iters 10
     python benchmarks/step_time.py --config paper --grad-checkpointing --iters 2 --warmup 1 --json
 
 ``--config`` picks a standard configuration (:data:`CONFIGS`); explicit options override its
@@ -64,7 +68,7 @@ if not Path(synfoc.__file__).resolve().is_relative_to(CODE_ROOT):
 sys.path.insert(1, str(Path(__file__).resolve().parent))
 from machine import append_csv, device_description, git_describe, matmul_peak  # noqa: E402
 
-MODES = ("fast", "against", "fast-system-malloc")
+MODES = ("fast", "against", "fast-system-malloc", "fast-no-accel")
 
 # The standard configurations: the demo preset (synfoc/presets/demo.yaml), the reduced BUSI
 # protocol, and the paper's BUSI configuration (MedSAM ViT-B at 512, U-Net width 64 at 256, 4+4).
@@ -105,6 +109,21 @@ def build_students(args, device: torch.device):
     return unet.to(device), foundation.to(device)
 
 
+def accelerate_students(students: dict, device: torch.device, args) -> None:
+    """synfoc.accel's kernels swapped into the students, as ``synfoc train`` does (``--no-accel``:
+    the plain models; ``--accel-kernels``: only those). A commit from before synfoc.accel
+    (``--against``) has its kernels built into the models."""
+    if not args.accel:
+        return
+    try:
+        from synfoc.accel import accelerate
+    except ImportError:
+        return
+    kernels = args.accel_kernels.split(",") if args.accel_kernels else None
+    for m in students.values():
+        accelerate(m, device, kernels)
+
+
 def peak_memory_mb(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
@@ -134,6 +153,7 @@ class FastStep:
         unet, foundation = build_students(args, self.rt.device)
         # the training loop's layout: channels_last under bf16 autocast
         self.students = fast_layout({"unet": unet, "foundation": foundation}, self.rt)
+        accelerate_students(self.students, self.rt.device, args)  # before the teachers copy them
         self.teachers = {k: make_teacher(m) for k, m in self.students.items()}
         for m in self.students.values():
             m.train()
@@ -201,6 +221,8 @@ def serve(args, mode: str) -> None:
         torch.set_num_threads(args.threads)
     if mode == "fast-system-malloc":  # the fast step with glibc's default allocator (no keep_freed_memory)
         os.environ["SYNFOC_SYSTEM_MALLOC"] = "1"
+    if mode == "fast-no-accel":
+        args.accel = False
     runner = FastStep(args, args.trace)
     device = runner.device
     if device.type == "cuda":
@@ -267,12 +289,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--num-classes", type=int, default=1, choices=[1, 2])
     p.add_argument("--batch-labeled", type=int, default=2)
     p.add_argument("--batch-unlabeled", type=int, default=2)
-    p.add_argument("--mode", choices=["fast", "fast-system-malloc", "against"], default="fast",
-                   help=argparse.SUPPRESS)  # "against" is a child's; --with-system-malloc adds the other
+    p.add_argument("--mode", choices=list(MODES), default="fast",
+                   help=argparse.SUPPRESS)  # a child's; --against and the --with-* options add the others
     p.add_argument("--against", metavar="REV",
                    help="also time the fast iteration of commit REV of this repository (a git worktree), in alternation")
     p.add_argument("--with-system-malloc", action="store_true",
                    help="also time the fast step with glibc's default allocator (SYNFOC_SYSTEM_MALLOC=1)")
+    p.add_argument("--accel", action=argparse.BooleanOptionalAction, default=True,
+                   help="swap synfoc.accel's kernels into the models, as synfoc train does (default: on)")
+    p.add_argument("--accel-kernels", metavar="NAMES",
+                   help="only these kernels of synfoc.accel.KERNELS (comma-separated), whatever the device")
+    p.add_argument("--with-no-accel", action="store_true",
+                   help="also time the fast step with the plain models (no synfoc.accel), in alternation")
     p.add_argument("--iters", type=int, default=5, help="timed iterations (the median is reported)")
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
@@ -396,6 +424,12 @@ def summarise(results: dict[str, dict], args) -> dict:
         out["against_ratio"] = out["fast_s"] / out["against_s"]
         out["against_speedup"] = out["against_s"] / out["fast_s"]
         out["against_paired_speedup"] = statistics.median(a / f for a, f in zip(out["against_times"], out["fast_times"]))
+    if "fast_s" in out and "fast-no-accel_s" in out:
+        # what synfoc.accel's kernels save: the plain models' time over the accelerated ones'
+        out["accel_kernels"] = args.accel_kernels or "auto"
+        out["accel_speedup"] = out["fast-no-accel_s"] / out["fast_s"]
+        out["accel_paired_speedup"] = statistics.median(
+            n / f for n, f in zip(out["fast-no-accel_times"], out["fast_times"]))
     return out
 
 
@@ -416,7 +450,7 @@ def csv_rows(summary: dict, args) -> list[dict]:
             continue
         get = lambda key: summary.get(f"{mode}_{key}", "")  # noqa: E731
         rows.append({
-            "date": date, "mode": mode if mode != "against" else f"against {summary.get('against_rev', '')}",
+            "date": date, "mode": mode_label(mode, summary, args),
             "synfoc_commit": get("commit"), "torch": summary["torch"],
             "device": f"{summary['device'].split(' ')[0]}: {summary['device_model']}", "threads": summary["threads"],
             "config": summary["config"], "foundation": summary["foundation"], "image_size": summary["image_size"],
@@ -435,7 +469,18 @@ def csv_rows(summary: dict, args) -> list[dict]:
     return rows
 
 
-def table(summary: dict) -> str:
+def mode_label(mode: str, summary: dict, args) -> str:
+    """The mode as the table and the CSV name it: the commit of ``against``, the kernels of ``fast``."""
+    if mode == "against":
+        return f"against {summary.get('against_rev', '')}"
+    if mode == "fast" and not args.accel:
+        return "fast no-accel"
+    if mode == "fast" and args.accel_kernels:
+        return f"fast accel={args.accel_kernels}"
+    return mode
+
+
+def table(summary: dict, args) -> str:
     peak_label = "peak GPU MiB" if summary["device"].startswith("cuda") else "peak RSS MiB"
     lines = [f"| mode | commit | precision | s/iter (median) | min..max | IQR | GFLOP/iter | TFLOP/s "
              f"| matmul peak TFLOP/s | MFU | {peak_label} | time / fast |",
@@ -449,7 +494,7 @@ def table(summary: dict) -> str:
             continue
         get = lambda key: summary.get(f"{mode}_{key}")  # noqa: E731
         ratio = get("s") / summary["fast_s"] if "fast_s" in summary and mode != "fast" else None
-        name = f"against {summary.get('against_rev', '')}" if mode == "against" else mode
+        name = mode_label(mode, summary, args)
         lines.append(f"| {name} | {get('commit') or ''} | {get('precision')} | {get('s'):.3f} "
                      f"| {num(get('s_min'), '.3f')}..{num(get('s_max'), '.3f')} | {num(get('s_iqr'), '.3f')} "
                      f"| {num(get('flops') and get('flops') / 1e9, '.1f')} | {num(get('tflops_per_s'), '.4f')} "
@@ -461,6 +506,10 @@ def table(summary: dict) -> str:
                  f"{summary['batch'][1]}, {summary['iters']} timed iterations, {summary['threads']} threads, "
                  f"{summary.get('device_model', summary['device'])}, torch {summary.get('torch', '?')}, "
                  f"load average {load}")
+    if "accel_speedup" in summary:
+        lines.append(f"speed-up of synfoc.accel ({summary['accel_kernels']}) over the plain models: "
+                     f"{summary['accel_speedup']:.2f}x (ratio of medians); {summary['accel_paired_speedup']:.2f}x "
+                     "(median of the ratios of back-to-back iterations)")
     if "against_speedup" in summary:
         lines.append(f"speed-up of this code over {summary['against_rev']}: {summary['against_speedup']:.2f}x "
                      f"(ratio of medians); {summary['against_paired_speedup']:.2f}x (median of the ratios of "
@@ -491,6 +540,8 @@ def main(argv: list[str] | None = None) -> int:
     modes = (args.mode,)
     if args.with_system_malloc and "fast-system-malloc" not in modes:
         modes += ("fast-system-malloc",)
+    if args.with_no_accel and "fast-no-accel" not in modes:
+        modes += ("fast-no-accel",)
     with worktree(args.against) if args.against else _nothing() as other:
         if other is not None:
             if "fast" not in modes:
@@ -500,7 +551,7 @@ def main(argv: list[str] | None = None) -> int:
     summary = summarise(results, args)
     if not args.no_csv:
         append_csv(args.csv, CSV_COLUMNS, csv_rows(summary, args))
-    print(json.dumps(summary) if args.json else table(summary))
+    print(json.dumps(summary) if args.json else table(summary, args))
     return 0
 
 

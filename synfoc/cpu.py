@@ -5,13 +5,14 @@ Two separate questions:
 * :func:`cpu_has_bf16`: does the CPU do bf16 arithmetic in hardware (AMX-BF16 or AVX512-BF16)?
   Only there is bf16 autocast faster than fp32, so ``--precision auto`` picks bf16 there and
   ``--precision bf16`` is refused elsewhere (:func:`synfoc.train.make_runtime`).
-* :func:`onednn_kernels`: can oneDNN's fused operators (``torch.ops.mkldnn._convolution_pointwise``,
-  ``_linear_pointwise``, used by :mod:`synfoc.models.fused`) run in a given dtype? Unlike the public
-  PyTorch operators, which pick another kernel by themselves, these raise where oneDNN has no
-  kernel, e.g. bf16 on a CPU without AVX-512 BW/VL/DQ. Callers fall back to the plain operators.
+* :func:`onednn_kernels`: can oneDNN's fused convolution (``torch.ops.mkldnn._convolution_pointwise``,
+  used by :mod:`synfoc.accel`) run in a given dtype? Unlike the public PyTorch operators, which pick
+  another kernel by themselves, it raises where oneDNN has no kernel, e.g. bf16 on a CPU without
+  AVX-512 BW/VL/DQ. Callers fall back to the plain operators.
 
-Both are answered at call time, so a model built or saved on one machine computes correctly when it
-is loaded on another; the answers are cached per process, since the CPU does not change under it.
+:func:`synfoc.accel.available_kernels` asks both which faster kernels to swap into a model; the
+swapped modules ask again at each call, so a model computes correctly on a machine it was not built
+on. The answers are cached per process, since the CPU does not change under it.
 """
 
 from __future__ import annotations
@@ -60,12 +61,11 @@ def cpu_has_bf16() -> bool:
 
 @functools.cache
 def _onednn_fused_ops() -> bool:
-    """oneDNN is built in and has the fused operators, on x86-64: the fusions were written and checked
+    """oneDNN is built in and has the fused convolution, on x86-64: the fusions were written and checked
     against oneDNN's x86 kernels; on other CPUs the plain operators run."""
     return (platform.machine().lower() in ("x86_64", "amd64")
             and torch.backends.mkldnn.is_available()
-            and hasattr(torch.ops.mkldnn, "_convolution_pointwise")
-            and hasattr(torch.ops.mkldnn, "_linear_pointwise"))
+            and hasattr(torch.ops.mkldnn, "_convolution_pointwise"))
 
 
 @functools.cache
@@ -76,8 +76,8 @@ def onednn_bf16() -> bool:
 
 
 def onednn_kernels(dtype: torch.dtype) -> bool:
-    """Whether oneDNN's fused operators can run on CPU tensors of ``dtype`` here: fp32 wherever they
-    exist, bf16 where :func:`onednn_bf16`; never while oneDNN is switched off
+    """Whether oneDNN's fused convolution can run on CPU tensors of ``dtype`` here: fp32 wherever it
+    exists, bf16 where :func:`onednn_bf16`; never while oneDNN is switched off
     (``torch.backends.mkldnn.enabled = False``)."""
     if not torch.backends.mkldnn.enabled:
         return False

@@ -35,10 +35,11 @@ def run_step_time(*options: str) -> subprocess.CompletedProcess:
     return proc
 
 
-def test_step_time_alternates_two_modes_and_reports_json():
-    summary = json.loads(run_step_time("--with-system-malloc", "--iters", "2", "--warmup", "1", "--trace", "--no-csv",
-                                       "--json").stdout.strip().splitlines()[-1])
-    for mode in ("fast", "fast-system-malloc"):
+def test_step_time_alternates_its_modes_and_reports_json():
+    summary = json.loads(run_step_time("--with-system-malloc", "--with-no-accel", "--iters", "2", "--warmup", "1",
+                                       "--trace", "--no-csv", "--json").stdout.strip().splitlines()[-1])
+    assert summary["accel_speedup"] == summary["fast-no-accel_s"] / summary["fast_s"]
+    for mode in ("fast", "fast-system-malloc", "fast-no-accel"):
         assert len(summary[f"{mode}_times"]) == 2 and all(t > 0 for t in summary[f"{mode}_times"])
         assert summary[f"{mode}_peak_mb"] > 0
         trace = summary[f"{mode}_trace"]

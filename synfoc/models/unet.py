@@ -7,8 +7,6 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
-from .fused import Conv3x3, ConvTranspose2x2
-
 
 class BatchNorm2d(nn.BatchNorm2d):
     """``nn.BatchNorm2d`` that can normalise one batch as several independent ones.
@@ -46,18 +44,17 @@ def independent_batches(model: nn.Module, groups: int):
 
 
 def _double_conv(cin: int, cout: int) -> nn.Sequential:
-    """(3x3 conv, BatchNorm, ReLU) twice. Folding the BatchNorms and fusing the ReLUs for inference
-    was tried and measured no faster on the CPU."""
+    """(3x3 conv, BatchNorm, ReLU) twice."""
     return nn.Sequential(
-        Conv3x3(cin, cout), BatchNorm2d(cout), nn.ReLU(inplace=True),
-        Conv3x3(cout, cout), BatchNorm2d(cout), nn.ReLU(inplace=True),
+        nn.Conv2d(cin, cout, 3, padding=1, bias=False), BatchNorm2d(cout), nn.ReLU(inplace=True),
+        nn.Conv2d(cout, cout, 3, padding=1, bias=False), BatchNorm2d(cout), nn.ReLU(inplace=True),
     )
 
 
 class _Up(nn.Module):
     def __init__(self, cin: int, cout: int) -> None:
         super().__init__()
-        self.up = ConvTranspose2x2(cin, cout, 2, stride=2)
+        self.up = nn.ConvTranspose2d(cin, cout, 2, stride=2)
         self.conv = _double_conv(2 * cout, cout)
 
     def forward(self, x: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,365 @@
+"""synfoc.accel: plain models, and the opt-in kernels that compute the same function.
+
+The models are built from plain PyTorch modules; :func:`synfoc.accel.accelerate` swaps in faster
+kernels. Each kernel is compared with the module it replaces (values and gradients: equal up to
+float rounding in fp32, within bf16 rounding under bf16 autocast), the whole U-Net and LiteMedSAM
+accelerated with the plain ones, and the choice per CPU is checked. Tests of a kernel's fast path
+itself skip, naming the feature, where this CPU lacks it.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from synfoc import accel, cpu
+from synfoc.models.foundation import build_foundation_model, trainable_parameters
+from synfoc.models.unet import build_unet
+
+pytestmark = pytest.mark.usefixtures("two_threads")
+
+BF16 = torch.bfloat16
+
+
+def _needs(name: str):
+    """Skip unless this CPU has what kernel ``name``'s fast path needs (the reason names it)."""
+    kernel = accel.KERNELS[name]
+    return pytest.mark.skipif(not kernel.available(), reason=f"{name} needs {kernel.needs}; this CPU has none")
+
+
+@pytest.fixture(scope="module")
+def lite_plain() -> nn.Module:
+    """A tiny LiteMedSAM (64x64 inputs, bundled weights, LoRA B drawn so LoRA carries gradients)
+    with non-trivial BatchNorm statistics in the encoder, so that a wrong BatchNorm fold cannot pass."""
+    torch.manual_seed(0)
+    model = build_foundation_model("litemedsam", 1, lora_rank=4, image_size=64)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_b" in name:
+                p.normal_(std=0.1)
+        for m in model.image_encoder.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.5, 0.5)
+                m.running_var.uniform_(0.5, 2.0)
+    return model.train()
+
+
+def _accelerated(model: nn.Module, *names: str) -> nn.Module:
+    """A copy of ``model`` with the named kernels (all when none are named), whatever this CPU has."""
+    return accel.accelerate(copy.deepcopy(model), "cpu", names or list(accel.KERNELS))
+
+
+def _classes(model: nn.Module) -> list[type]:
+    return [type(m) for m in model.modules()]
+
+
+# ----------------------------------------------------------------------------- plain models
+def test_plain_unet_is_made_of_torch_nn_modules():
+    """Every layer of a plain U-Net is a torch.nn module: synfoc's own classes are containers (no
+    parameters or buffers of their own), or a BatchNorm2d subclass that only changes how a batch is
+    split (``independent_batches``)."""
+    unet = build_unet(1, 2, 4)
+    for name, m in unet.named_modules():
+        cls = type(m)
+        if cls.__module__.startswith("torch.nn."):
+            continue
+        own = list(m.parameters(recurse=False)) + list(m.buffers(recurse=False))
+        assert isinstance(m, nn.BatchNorm2d) or (not own and list(m.children())), f"{name}: {cls.__qualname__}"
+    layers = {type(m) for m in unet.modules() if not list(m.children())}
+    assert {nn.Conv2d, nn.ConvTranspose2d, nn.MaxPool2d, nn.ReLU} <= layers
+    assert all(issubclass(k, (nn.Conv2d, nn.ConvTranspose2d, nn.MaxPool2d, nn.ReLU, nn.BatchNorm2d)) for k in layers)
+
+
+def test_plain_foundation_model_has_no_replacement_modules():
+    """The foundation model keeps the vendored and segment_anything modules: plain nn.Linear and
+    nn.ConvTranspose2d, no module of synfoc.accel."""
+    model = build_foundation_model("litemedsam", 1, image_size=64, pretrained=False)
+    kinds = _classes(model)
+    assert nn.Linear in kinds and nn.ConvTranspose2d in kinds
+    assert not [k for k in kinds if k.__module__ == accel.__name__]
+    assert {"Attention", "Conv2d_BN", "MBConv", "LayerNorm2d"} <= {k.__name__ for k in kinds}
+
+
+def test_accelerate_keeps_state_dict_names_and_weight_files(tmp_path):
+    """Swapping kernels changes no parameter or buffer name: weights saved from a plain model load
+    into an accelerated one and back, for both students."""
+    from safetensors.torch import load_file, save_file
+
+    from synfoc.models.weights import load_trainable, save_trainable
+
+    unet = build_unet(1, 2, 4)
+    fast = _accelerated(unet)
+    assert fast.state_dict().keys() == unet.state_dict().keys()
+    save_file(unet.state_dict(), str(tmp_path / "unet.safetensors"))
+    fast.load_state_dict(load_file(str(tmp_path / "unet.safetensors")))
+
+    lite = build_foundation_model("litemedsam", 1, image_size=64, pretrained=False)
+    fast_lite = _accelerated(lite)
+    assert fast_lite.state_dict().keys() == lite.state_dict().keys()
+    save_trainable(fast_lite, tmp_path / "foundation.safetensors")
+    load_trainable(lite, tmp_path / "foundation.safetensors")
+
+
+# ----------------------------------------------------------------------------- choice per device
+def test_accelerate_is_a_no_op_without_the_cpu_features(monkeypatch):
+    """On a CPU without bf16 arithmetic (and without oneDNN's bf16 kernels) no kernel applies and
+    every module keeps its class; on CUDA neither; nor with SYNFOC_NO_ACCEL=1."""
+    monkeypatch.delenv("SYNFOC_NO_ACCEL", raising=False)
+    monkeypatch.setattr(cpu, "cpu_has_bf16", lambda: True)
+    monkeypatch.setenv("SYNFOC_NO_ACCEL", "1")
+    assert accel.available_kernels("cpu") == []
+    monkeypatch.delenv("SYNFOC_NO_ACCEL")
+    monkeypatch.setattr(cpu, "cpu_has_bf16", lambda: False)
+    monkeypatch.setattr(cpu, "onednn_bf16", lambda: False)
+    assert accel.available_kernels("cpu") == []
+    for model in (build_unet(1, 1, 4), build_foundation_model("litemedsam", 1, image_size=64, pretrained=False)):
+        before = _classes(model)
+        assert accel.accelerate(model, "cpu") is model
+        assert _classes(model) == before
+
+
+def test_kernels_are_chosen_by_cpu_feature(monkeypatch):
+    """bf16 arithmetic without oneDNN's bf16 kernels (oneDNN capped): only the kernels made of public
+    operators; with both: all of them; CUDA: none."""
+    monkeypatch.delenv("SYNFOC_NO_ACCEL", raising=False)
+    monkeypatch.setattr(cpu, "cpu_has_bf16", lambda: True)
+    monkeypatch.setattr(cpu, "onednn_bf16", lambda: False)
+    assert "tinyvit_fused_convs" not in accel.available_kernels("cpu")
+    assert "upsampling_matmul" in accel.available_kernels("cpu")
+    monkeypatch.setattr(cpu, "onednn_bf16", lambda: True)
+    assert accel.available_kernels("cpu") == list(accel.KERNELS)
+    assert accel.available_kernels("cuda") == [] and accel.available_kernels(torch.device("cuda", 0)) == []
+    with pytest.raises(ValueError, match="unknown kernel"):
+        accel.accelerate(build_unet(1, 1, 4), "cpu", ["no_such_kernel"])
+
+
+# ----------------------------------------------------------------------------- whole models
+def _forward_backward(model: nn.Module, images: torch.Tensor, params, bf16: bool):
+    """Logits (fp32) and the gradients of a loss w.r.t. ``params`` (None where unused)."""
+    if bf16:
+        model = model.to(memory_format=torch.channels_last)
+        images = images.contiguous(memory_format=torch.channels_last)
+    with torch.autocast("cpu", dtype=BF16, enabled=bf16):
+        out = model(images).float()
+    side = out.shape[-1]
+    target = (torch.arange(side)[None, :, None] > side // 2).long().expand(out.shape[0], side, side)
+    grads = torch.autograd.grad(F.cross_entropy(out, target), params, allow_unused=True)
+    return out.detach(), torch.cat([g.flatten() for g in grads if g is not None])
+
+
+def _assert_same_function(plain: nn.Module, fast: nn.Module, images: torch.Tensor, params_of) -> torch.Tensor:
+    """fp32: the same logits and gradients up to float rounding; bf16 autocast: as close to fp32 as
+    the plain model is (errors of the logits, cosine of the gradients). Returns the fp32 logits."""
+    out32, grad32 = _forward_backward(plain, images, params_of(plain), bf16=False)
+    fast32, fast_grad32 = _forward_backward(fast, images, params_of(fast), bf16=False)
+    torch.testing.assert_close(fast32, out32, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(fast_grad32, grad32, rtol=1e-3, atol=1e-5)
+
+    plain16, fast16 = copy.deepcopy(plain), copy.deepcopy(fast)  # channels-last copies
+    out16, grad16 = _forward_backward(plain16, images, params_of(plain16), bf16=True)
+    fout16, fgrad16 = _forward_backward(fast16, images, params_of(fast16), bf16=True)
+    plain_error = (out16 - out32).abs().mean()
+    fast_error = (fout16 - out32).abs().mean()
+    assert fast_error <= 2 * plain_error + 1e-3 * out32.abs().mean(), (fast_error, plain_error)
+    plain_cosine = F.cosine_similarity(grad16, grad32, dim=0)
+    fast_cosine = F.cosine_similarity(fgrad16, grad32, dim=0)
+    assert fast_cosine >= plain_cosine - 0.02, (fast_cosine, plain_cosine)
+    return out32
+
+
+def test_accelerated_unet_computes_the_plain_function():
+    torch.manual_seed(0)
+    unet = build_unet(1, 1, 4).train()
+    fast = _accelerated(unet)
+    assert accel.ConvTranspose2x2 in _classes(fast)
+    _assert_same_function(unet, fast, torch.rand(4, 1, 32, 32), lambda m: list(m.parameters()))
+
+
+def test_accelerated_litemedsam_computes_the_plain_function(lite_plain):
+    """The student (LoRA gradients, frozen first stage) and the EMA teacher's bf16 forward without a
+    gradient, with every kernel."""
+    fast = _accelerated(lite_plain)
+    assert {"TinyViTWindowAttention", "FoldedConv2dBN", "FusedMBConv", "ChannelLayerNorm",
+            "ConvTranspose2x2"} <= {k.__name__ for k in _classes(fast)}
+    images = torch.rand(1, 1, 64, 64)
+    exact = _assert_same_function(lite_plain, fast, images, trainable_parameters)
+    with torch.inference_mode(), torch.autocast("cpu", dtype=BF16):
+        teacher, plain_teacher = fast(images).float(), lite_plain(images).float()
+    assert (teacher - exact).abs().mean() <= 2 * (plain_teacher - exact).abs().mean() + 1e-3 * exact.abs().mean()
+
+
+# ----------------------------------------------------------------------------- one kernel at a time
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("bias", [False, True])
+def test_upsampling_matmul_matches_the_transposed_convolution(channels_last, bias):
+    """ConvTranspose2x2 = F.conv_transpose2d: values, input and parameter gradients, and the input's
+    memory layout; other transposed convolutions are left alone."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.ConvTranspose2d(6, 5, 2, stride=2, bias=bias), nn.ConvTranspose2d(5, 5, 3, stride=2))
+    accel.accelerate(model, "cpu", ["upsampling_matmul"])
+    layer = model[0]
+    assert type(layer) is accel.ConvTranspose2x2 and type(model[1]) is nn.ConvTranspose2d
+    x = torch.randn(3, 6, 4, 7)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    grad = torch.randn(3, 5, 8, 14)
+    x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
+    y = layer(x1)
+    expected = F.conv_transpose2d(x2, layer.weight, layer.bias, stride=2)
+    torch.testing.assert_close(y, expected, rtol=1e-5, atol=1e-6)
+    assert y.is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+    got = torch.autograd.grad(y, [x1, layer.weight] + ([layer.bias] if bias else []), grad)
+    want = torch.autograd.grad(expected, [x2, layer.weight] + ([layer.bias] if bias else []), grad)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5)
+
+
+def test_channel_layer_norm_equals_sam_layernorm2d():
+    from segment_anything.modeling.common import LayerNorm2d
+
+    torch.manual_seed(3)
+    reference = LayerNorm2d(16)
+    with torch.no_grad():
+        reference.weight.normal_()
+        reference.bias.normal_()
+    fast = _accelerated(nn.Sequential(reference), "channel_layer_norm")[0]
+    assert type(fast).__name__ == "ChannelLayerNorm" and isinstance(fast, LayerNorm2d)
+    for channels_last in (False, True):
+        x = 3 * torch.randn(2, 16, 8, 8) + 1
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        x.requires_grad_()
+        expected = reference(x)
+        grads_expected = torch.autograd.grad(expected.square().sum(), [x, reference.weight, reference.bias])
+        got = fast(x)
+        grads = torch.autograd.grad(got.square().sum(), [x, fast.weight, fast.bias])
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+        for g, e in zip(grads, grads_expected):
+            torch.testing.assert_close(g, e, rtol=1e-4, atol=1e-4)
+
+
+def _attention_reference(attention, x: torch.Tensor) -> torch.Tensor:
+    """TinyViT window attention written out in fp32 from the module's weights."""
+    batch, tokens, _ = x.shape
+    qkv = attention.qkv(attention.norm(x)).view(batch, tokens, attention.num_heads, -1)
+    q, k, v = (t.transpose(1, 2) for t in qkv.split([attention.key_dim, attention.key_dim, attention.d], dim=3))
+    bias = attention.attention_biases[:, attention.attention_bias_idxs]
+    weights = torch.softmax(q @ k.transpose(-2, -1) * attention.scale + bias, dim=-1)
+    return attention.proj((weights @ v).transpose(1, 2).reshape(batch, tokens, attention.dh))
+
+
+@pytest.mark.parametrize("tokens", [49, 196])
+def test_window_attention_bf16_kernels_match_fp32_values_and_gradients(tokens, lite_plain):
+    """Both CPU bf16 paths (explicit with a gradient, fused without) and the fp32 path agree with an
+    fp32 computation written out here, for TinyViT's 7x7 and 14x14 windows; the bf16 gradient of the
+    LoRA factors follows the fp32 one."""
+    model = _accelerated(lite_plain, "tinyvit_attention")
+    attention = next(m for m in model.image_encoder.modules()
+                     if type(m).__name__ == "TinyViTWindowAttention" and m.attention_bias_idxs.shape[0] == tokens)
+    torch.manual_seed(2)
+    with torch.no_grad():
+        attention.attention_biases.normal_()
+    lora = [p for name, p in attention.named_parameters() if "lora_" in name]
+    x = torch.randn(8, tokens, attention.norm.normalized_shape[0])
+
+    expected = _attention_reference(attention, x)
+    expected_grads = torch.autograd.grad(expected.square().sum(), lora)
+    torch.testing.assert_close(attention(x), expected, rtol=1e-4, atol=1e-4)
+    with torch.autocast("cpu", dtype=BF16):
+        explicit = attention(x)                      # a gradient is wanted: explicit bf16
+        with torch.no_grad():
+            fused = attention(x)                     # no gradient: fused bf16 kernel
+    scale = expected.abs().mean()
+    for low in (explicit, fused):
+        assert low.dtype == BF16
+        assert (low.float() - expected).abs().mean() < 0.02 * scale
+    grads = torch.autograd.grad(explicit.float().square().sum(), lora)
+    for grad, reference in zip(grads, expected_grads):
+        assert F.cosine_similarity(grad.flatten().float(), reference.flatten(), dim=0) > 0.99
+
+
+def test_folded_conv_bn_matches_convolution_then_batchnorm(lite_plain):
+    """Eval mode: the BatchNorm folded into the convolution, values and input gradients, including
+    the strided depthwise convolution whose bf16 input gradient is computed in fp32; train mode:
+    the plain pair."""
+    encoder = _accelerated(lite_plain, "folded_conv_bn").image_encoder
+    merge = encoder.layers[1].downsample.conv2                       # strided depthwise
+    assert type(merge).__name__ == "FoldedConv2dBN" and merge.c.stride == (2, 2) and merge.c.groups > 1
+    x = torch.randn(2, merge.c.in_channels, 16, 16)
+    for bf16 in (False, True):
+        x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
+        with torch.autocast("cpu", dtype=BF16, enabled=bf16):
+            got = merge(x1.to(BF16) if bf16 else x1)
+            want = merge.bn(merge.c(x2))
+        g1, = torch.autograd.grad(got.float().square().sum(), x1)
+        g2, = torch.autograd.grad(want.float().square().sum(), x2)
+        tol = 3e-2 if bf16 else 1e-4
+        torch.testing.assert_close(got.float(), want.float(), rtol=tol, atol=tol)
+        assert F.cosine_similarity(g1.flatten(), g2.flatten(), dim=0) > (0.999 if bf16 else 1 - 1e-6)
+    merge.train()
+    torch.testing.assert_close(merge(x), merge.bn(merge.c(x)))
+
+
+def _fused_blocks(encoder: nn.Module) -> list[nn.Module]:
+    return [m for m in encoder.modules() if type(m).__name__ in ("FusedPatchEmbed", "FusedMBConv", "FusedPatchMerging")]
+
+
+@pytest.mark.parametrize("onednn", [pytest.param(True, marks=_needs("tinyvit_fused_convs")), False],
+                         ids=["onednn-fused", "fallback"])
+def test_fused_conv_stage_folds_batchnorm_exactly_and_bf16_stays_close(onednn, lite_plain, monkeypatch):
+    """TinyViT's first stage with BatchNorm folded and GELU / residual inside the convolution: the
+    function is unchanged in fp32, and under bf16 autocast it stays as close to fp32 as the module
+    path is; where oneDNN has no kernels for the dtype the plain modules run (oneDNN's operator is
+    then never called)."""
+    plain = lite_plain.image_encoder
+    encoder = _accelerated(lite_plain, "tinyvit_fused_convs").image_encoder
+    assert len(_fused_blocks(encoder)) == 1 + len(plain.layers[0].blocks) + 3
+    calls = []
+    op = torch.ops.mkldnn._convolution_pointwise
+    monkeypatch.setattr(torch.ops.mkldnn, "_convolution_pointwise", _Counted(op, calls))
+    if not onednn:
+        monkeypatch.setattr(cpu, "onednn_kernels", lambda dtype: False)
+    images = torch.rand(2, 3, 64, 64)
+    with torch.no_grad():
+        modules = plain.layers[0](plain.patch_embed(images))
+        fused = encoder.layers[0](encoder.patch_embed(images))
+        torch.testing.assert_close(fused, modules, rtol=1e-4, atol=1e-4)
+        with torch.autocast("cpu", dtype=BF16):
+            fused_bf16 = encoder.layers[0](encoder.patch_embed(images))
+            modules_bf16 = plain.layers[0](plain.patch_embed(images))
+    assert bool(calls) == onednn
+    assert fused_bf16.dtype == BF16
+    error_fused = (fused_bf16.float() - modules).abs().mean()
+    error_modules = (modules_bf16.float() - modules).abs().mean()
+    assert error_fused < 2 * error_modules + 1e-3
+
+
+def test_fused_conv_blocks_with_a_gradient_are_the_plain_modules(lite_plain, monkeypatch):
+    """Where a gradient is wanted (an input that requires one), the fused blocks run the vendored
+    forward, never oneDNN's fused operator."""
+    encoder = _accelerated(lite_plain, "tinyvit_fused_convs").image_encoder
+    monkeypatch.setattr(torch.ops.mkldnn, "_convolution_pointwise", _Counted(None, []))
+    images = torch.rand(1, 3, 64, 64, requires_grad=True)
+    out = encoder.layers[0](encoder.patch_embed(images))
+    out.sum().backward()
+    assert images.grad is not None
+
+
+class _Counted:
+    """Stands for ``op`` (and its overloads), recording each call; with ``op`` None every call fails."""
+
+    def __init__(self, op, calls: list) -> None:
+        self.op, self.calls = op, calls
+
+    def __call__(self, *args):
+        if self.op is None:
+            raise AssertionError("oneDNN's fused convolution was called")
+        self.calls.append(1)
+        return self.op(*args)
+
+    def __getattr__(self, overload: str):
+        return _Counted(None if self.op is None else getattr(self.op, overload), self.calls)
