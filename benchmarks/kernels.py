@@ -4,7 +4,7 @@ the training step make between equivalent PyTorch operations.
 
 Every pair runs in alternation (median of ``--reps`` after one warm-up), so a machine whose speed
 drifts slows both sides alike, with freed memory kept for reuse as in training
-(:func:`synfoc.train.keep_freed_memory`). Prints one markdown table. Shapes are those of the benchmark step
+(:func:`synfoc.runtime.keep_freed_memory`). Prints one markdown table. Shapes are those of the benchmark step
 (LiteMedSAM at 256, U-Net 256 width 64, batch 2+2; the foundation student sees 4 images).
 
     python benchmarks/kernels.py [--reps 7]
@@ -14,17 +14,18 @@ from __future__ import annotations
 
 import argparse
 import copy
+import os
 import statistics
 import time
 
-import synfoc  # noqa: F401  (OpenMP passive waiting, as in training)
-import torch
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch starts its threads, as the synfoc CLI does
+import torch  # noqa: E402
 import torch.nn.functional as F
 
 from synfoc import accel
 from synfoc.models import build_foundation_model, build_unet
 from synfoc.models.lora import LoRAQKV, tinyvit_qv_indices
-from synfoc.train import keep_freed_memory
+from synfoc.runtime import keep_freed_memory
 
 BF16 = torch.bfloat16
 

@@ -10,7 +10,7 @@
               :func:`synfoc.accel.accelerate`, which ``synfoc train`` applies: what the kernels it
               swaps in are worth to a whole step (``--accel-kernels`` limits the fast mode to some).
 ``fast-system-malloc`` (with ``--with-system-malloc``) the fast iteration with glibc's default
-              allocator (``SYNFOC_SYSTEM_MALLOC=1``): what :func:`synfoc.train.keep_freed_memory`,
+              allocator (``SYNFOC_SYSTEM_MALLOC=1``): what :func:`synfoc.runtime.keep_freed_memory`,
               which ``synfoc train`` applies on the CPU, is worth on its own.
 
 Each mode runs in its own child process, so its peak memory is its own: CUDA
@@ -59,7 +59,8 @@ ROOT = Path(__file__).resolve().parents[1]
 CODE_ROOT = Path(os.environ.get("SYNFOC_BENCH_CODE", ROOT)).resolve()
 sys.path.insert(0, str(CODE_ROOT))
 
-import synfoc  # noqa: E402  (sets OpenMP's passive waiting before torch starts, as in training)
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch starts its threads, as the synfoc CLI does
+import synfoc  # noqa: E402
 import torch  # noqa: E402
 
 if not Path(synfoc.__file__).resolve().is_relative_to(CODE_ROOT):
@@ -83,6 +84,20 @@ CONFIGS = {
 
 
 # ----------------------------------------------------------------------------- setup
+def synfoc_name(module: str, name: str, optional: bool = False):
+    """``synfoc.<module>.<name>``, or for a commit from before train.py was split (``--against``)
+    the same name in ``synfoc.train``; ``optional``: a no-op where neither has it."""
+    import importlib
+    for where in (f"synfoc.{module}", "synfoc.train"):
+        try:
+            return getattr(importlib.import_module(where), name)
+        except (ImportError, AttributeError):
+            continue
+    if optional:   # older commits set the process up inside make_runtime
+        return lambda *a, **k: None
+    raise ImportError(f"synfoc.{module}.{name}")
+
+
 def synthetic_arrays(n: int, size: int, domain: str, num_classes: int) -> tuple[np.ndarray, np.ndarray]:
     """``n`` cases of the embedded synthetic set at ``size``: uint8 images (n, S, S), labels (n, S, S)."""
     from synfoc.data.synthetic import make_case
@@ -99,7 +114,7 @@ def build_students(args, device: torch.device):
     """The U-Net and the foundation model with identical weights for any device (built on the CPU
     after seeding, then moved)."""
     from synfoc.models import build_foundation_model, build_unet
-    from synfoc.train import seed_everything
+    seed_everything = synfoc_name("runtime", "seed_everything")
     seed_everything(args.seed)
     unet = build_unet(1, args.num_classes, args.unet_width)
     pretrained = args.checkpoint is not None or args.foundation == "litemedsam"
@@ -144,7 +159,11 @@ class FastStep:
         from synfoc.config import TrainConfig
         from synfoc.method.ema import make_teacher
         from synfoc.method.synfoc import SynFoC
-        from synfoc.train import Arrays, fast_layout, make_optimizers, make_runtime
+        Arrays = synfoc_name("views", "Arrays")
+        fast_layout, make_runtime = synfoc_name("runtime", "fast_layout"), synfoc_name("runtime", "make_runtime")
+        make_optimizers = synfoc_name("build", "make_optimizers")
+        # what `synfoc train` sets up for the process on the CPU (not with SYNFOC_SYSTEM_MALLOC=1)
+        synfoc_name("runtime", "prepare_process", optional=True)(TrainConfig(device=args.device))
 
         self.cfg = TrainConfig(device=args.device, precision=args.precision, batch_labeled=args.batch_labeled,
                                batch_unlabeled=args.batch_unlabeled, unet_size=args.unet_size,
@@ -182,7 +201,7 @@ class FastStep:
 
     def step(self, t: int, total: int) -> None:
         from synfoc.method.ema import ema_update
-        from synfoc.train import make_views
+        make_views = synfoc_name("views", "make_views")
         views = make_views(self.cfg, self.aug, self.labeled, self.unlabeled, t, self.sizes, self.rt, self.cfg.seed)
         with self.rt.autocast():
             loss, logs = self.method.step(views, t, total)

@@ -7,67 +7,14 @@ import os
 import sys
 from pathlib import Path
 
-from synfoc.config import CHOICES, PRESETS
-
-
-def domain_list(text: str) -> list[str]:
-    """``A,B`` -> ["A", "B"] (empty names dropped; an empty list is refused by validate)."""
-    return [d.strip() for d in text.split(",") if d.strip()]
-
-
-def add_setting_options(p: argparse.ArgumentParser, dataset_required: bool = False) -> None:
-    """The settings that ``train`` and ``sweep`` share (fields of :class:`synfoc.config.TrainConfig`)."""
-    p.add_argument("--preset", choices=PRESETS, help="the paper's settings for a dataset (YAML inside the package)")
-    p.add_argument("--config", help="a YAML file of settings (overrides the preset)")
-    p.add_argument("--dataset", required=dataset_required, help="dataset folder, or 'synthetic' (the embedded default)")
-    p.add_argument("--format", choices=CHOICES["format"],
-                   help="dataset layout (default: auto, recognised from the folder)")
-    g = p.add_mutually_exclusive_group()
-    g.add_argument("--labeled-num", type=int, help="the first N sorted training cases of the labeled domain")
-    g.add_argument("--labeled-ratio", type=float, help="int(ratio * all training cases) labeled cases (BUSI: 0.125, 0.25)")
-    p.add_argument("--unlabeled-domains", type=domain_list, metavar="D1,D2",
-                   help="domains whose training cases are used unlabeled (default: the rest of the labeled "
-                        "domain and every other domain). UDA: --labeled-ratio 1.0 --unlabeled-domains LGE")
-    p.add_argument("--test-domains", type=domain_list, metavar="D1,D2",
-                   help="domains whose test cases are evaluated (default: every domain)")
-    p.add_argument("--iters", type=int, help="training iterations (>= 1; default 30000, presets set the paper's)")
-    p.add_argument("--batch-labeled", type=int, help="labeled images per iteration and process (>= 1; default 4)")
-    p.add_argument("--batch-unlabeled", type=int, help="unlabeled images per iteration and process (>= 1; default 4)")
-    p.add_argument("--foundation", help="litemedsam, medsam_vit_b, sam_vit_b, sam_vit_l, sam_vit_h")
-    p.add_argument("--checkpoint", help="foundation-model weights (.pth, segment_anything format)")
-    p.add_argument("--image-size", type=int, help="foundation-model input size")
-    p.add_argument("--unet-size", type=int, help="U-Net input (patch) size")
-    p.add_argument("--unet-width", type=int, help="U-Net base width (paper: 64)")
-    p.add_argument("--grad-checkpointing", action="store_true", default=None,
-                   help="recompute foundation-encoder activations in the backward pass (less memory)")
-    p.add_argument("--seed", type=int, help="seed of the initialisation, data order and augmentation (default 1337)")
-    p.add_argument("--device", choices=["cpu", "cuda", "auto"], help="where to train (default auto: CUDA when available)")
-    p.add_argument("--precision", choices=["auto", "bf16", "fp32"],
-                   help="auto (default): bf16 autocast on CUDA and on CPUs with bf16 support, else fp32")
-    p.add_argument("--checkpoint-every", type=int, metavar="K",
-                   help="write checkpoint.pt every K iterations (default: about 20 per run); one is also "
-                   "written after every 10 minutes of training and on Ctrl-C")
-    p.add_argument("--skip-bad", action="store_true", default=None,
-                   help="train without the cases `synfoc data check` reports problems for")
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+from synfoc.config import CHOICES, SHARED, TRAIN
+from synfoc.options import add_setting_options, overrides
 
 
 def _add_train_options(p: argparse.ArgumentParser) -> None:
-    add_setting_options(p)
+    add_setting_options(p, (SHARED, TRAIN))
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("--out", help="run folder (default: runs/<method>-<time>); must not hold another run")
-    p.add_argument("--labeled-domain", help="the domain (site) whose first training cases are labeled "
-                   "(default: the dataset's first domain)")
-    p.add_argument("--method", help="synfoc, base-unet, base-foundation, suponly-unet, suponly-foundation, samed, fixmatch")
-    p.add_argument("--alpha", choices=["smc", "self", "mutual", "constant", "linear", "cps"],
-                   help="SynFoC's per-image mixing weight of the two teachers (default smc; the rest are ablations)")
-    p.add_argument("--consistency", choices=["cdcr", "cr", "none"],
-                   help="SynFoC's consistency regulariser (default cdcr; the rest are ablations)")
-    p.add_argument("--lora-rank", type=int, help="rank of the foundation encoder's LoRA adapters (default 4; 0: none)")
-    p.add_argument("--deterministic", action="store_true", default=None,
-                   help="deterministic PyTorch kernels (slower; same results run to run on one machine)")
-    p.add_argument("--compile", action="store_true", default=None, help="torch.compile the students")
-    p.add_argument("--eval-every", type=int, help="also evaluate on the test sets every K iterations "
-                   "and keep the best (the authors' optimistic protocol; see evaluate --select-on test)")
     p.add_argument("--resume", metavar="RUN", help="continue the run in folder RUN from its last checkpoint, "
                    "as configured; only --iters, --dataset (the same cases, moved), --device, --precision and "
                    "--checkpoint-every may change")
@@ -81,6 +28,11 @@ VERB_MODULES = [
     ("report", "synfoc.report", "write a self-contained HTML report of a run"),
     ("sweep", "synfoc.sweep", "one run per (method, labeled domain) and the paper's tables"),
 ]
+
+
+# The settings `synfoc data preview` draws with (the split, the sizes, the augmentation's seed).
+PREVIEW_SETTINGS = {"format", "labeled_domain", "labeled_num", "labeled_ratio", "foundation", "image_size",
+                    "unet_size", "seed"}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -109,18 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("path", help="dataset folder, or 'synthetic'")
     c.add_argument("--out", required=True, help="the PNG file to write")
     c.add_argument("--cases", type=int, default=4, help="labeled/unlabeled pairs to draw (default 4)")
-    c.add_argument("--preset", choices=PRESETS, help="the paper's settings for a dataset (sizes, augmentation)")
-    c.add_argument("--config", help="a YAML file of settings (overrides the preset)")
-    c.add_argument("--format", choices=CHOICES["format"],
-                   help="dataset layout (default: auto, recognised from the folder)")
-    c.add_argument("--labeled-domain", help="the domain whose first training cases are labeled")
-    g = c.add_mutually_exclusive_group()
-    g.add_argument("--labeled-num", type=int, help="the first N sorted training cases of the labeled domain")
-    g.add_argument("--labeled-ratio", type=float, help="int(ratio * all training cases) labeled cases")
-    c.add_argument("--foundation", help="foundation model (its native input size unless --image-size)")
-    c.add_argument("--image-size", type=int, help="foundation-model input size")
-    c.add_argument("--unet-size", type=int, help="U-Net input size")
-    c.add_argument("--seed", type=int, help="seed of the augmentation draws")
+    add_setting_options(c, (SHARED, TRAIN), names=PREVIEW_SETTINGS)
 
     sub.add_parser("models", help="list the foundation models")
 
@@ -173,11 +114,7 @@ def prepare_out(out: Path) -> bool:
 
 def _train(args) -> int:
     from synfoc.config import resolve, validate
-    overrides = {k: getattr(args, k) for k in (
-        "dataset", "format", "labeled_domain", "labeled_num", "labeled_ratio", "unlabeled_domains", "test_domains",
-        "method", "alpha", "consistency", "iters", "batch_labeled", "batch_unlabeled", "foundation", "checkpoint",
-        "image_size", "unet_size", "unet_width", "lora_rank", "grad_checkpointing", "seed", "device", "precision",
-        "deterministic", "compile", "checkpoint_every", "eval_every", "skip_bad")}
+    given = overrides(args)
     created = was_empty = False
     if args.resume:
         from synfoc.config import run_config
@@ -185,25 +122,27 @@ def _train(args) -> int:
         if args.out and Path(args.out) != out:
             raise ValueError("--resume continues the run in its own folder; leave out --out")
         cfg = run_config(out)
-        extra = [k for k, v in overrides.items() if v is not None and k not in RESUME_MAY_CHANGE]
+        extra = [k for k, v in given.items() if v is not None and k not in RESUME_MAY_CHANGE]
         if extra or args.preset or args.config:
             given = [f"--{k.replace('_', '-')}" for k in extra] + ["--preset"] * bool(args.preset) \
                 + ["--config"] * bool(args.config)
             raise ValueError(f"--resume continues a run as configured; only "
                              f"{', '.join('--' + k.replace('_', '-') for k in RESUME_MAY_CHANGE)} may change "
                              f"(got {', '.join(given)})")
-        cfg = absolute_paths(cfg.update({k: overrides[k] for k in RESUME_MAY_CHANGE if overrides[k] is not None},
+        cfg = absolute_paths(cfg.update({k: given[k] for k in RESUME_MAY_CHANGE if given[k] is not None},
                                         "command line"))
         validate(cfg)
         check_dataset_path(cfg, "" if args.dataset else f"as stored in {out / 'config.yaml'}")
     else:
         preset = args.preset or ("demo" if args.dataset in (None, "synthetic") and not args.config else None)
-        cfg = validate(absolute_paths(resolve(preset, args.config, overrides)))
+        cfg = validate(absolute_paths(resolve(preset, args.config, given)))
         check_dataset_path(cfg, "")
         out = Path(args.out) if args.out else Path("runs") / f"{cfg.method}-{__import__('time').strftime('%Y%m%d-%H%M%S')}"
         created = prepare_out(out)
         was_empty = not any(out.iterdir())
+    from synfoc.runtime import prepare_process
     from synfoc.train import train
+    prepare_process(cfg)
     try:
         summary = train(cfg, out, resume=bool(args.resume), progress=not args.no_progress)
     except BaseException:
@@ -249,6 +188,11 @@ def _models(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # Process-wide settings belong to the program, not to `import synfoc`. OpenMP threads that spin
+    # while waiting (libgomp's default) make every PyTorch CPU op up to 20x slower as soon as another
+    # process shares the cores; passive waiting costs nothing measurable on an idle machine. It must
+    # be set before torch starts its thread pool; an explicit OMP_WAIT_POLICY from the user wins.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     args = build_parser().parse_args(argv)
     from synfoc.data.base import DataError
     from synfoc.errors import Interrupted, TrainingError, clean_message, os_error_message

@@ -15,39 +15,64 @@ import yaml
 
 PRESETS = ("prostate", "fundus", "mnms", "busi", "acdc", "mscmrseg", "demo")
 
+# Where a setting is a command-line option: "shared" by ``synfoc train`` and ``synfoc sweep``,
+# "train" (the sweep sets these per run: method, labeled domain, ...); unmarked settings are YAML only.
+SHARED, TRAIN = "shared", "train"
+
+
+def option(default=None, help: str = "", *, scope: str = SHARED, metavar: str | None = None,
+           exclusive: str | None = None, listed: bool = False, factory=None):
+    """A setting that is also the command-line option ``--NAME-WITH-DASHES`` (see synfoc.options).
+    ``exclusive``: options of one group may not be given together. ``listed``: its CHOICES are
+    listed in the help and checked by :func:`validate` (one line), not by argparse (usage text)."""
+    meta = {"help": help, "scope": scope, "metavar": metavar, "exclusive": exclusive, "listed": listed}
+    if factory is not None:
+        return field(default_factory=factory, metadata=meta)
+    return field(default=default, metadata=meta)
+
 
 @dataclass
 class TrainConfig:
     # data
-    dataset: str = "synthetic"            # a path, or "synthetic" (the embedded default)
-    format: str = "auto"
-    labeled_domain: str | None = None     # default: the first domain
-    labeled_num: int | None = None
-    labeled_ratio: float | None = None
-    unlabeled_domains: list[str] | None = None   # None: the rest of the labeled domain and every other domain
-    test_domains: list[str] | None = None        # None: every domain
-    skip_bad: bool = False
+    dataset: str = option("synthetic", "dataset folder, or 'synthetic' (the embedded default)")
+    format: str = option("auto", "dataset layout (default: auto, recognised from the folder)")
+    labeled_domain: str | None = option(None, "the domain (site) whose first training cases are labeled "
+                                        "(default: the dataset's first domain)", scope=TRAIN)
+    labeled_num: int | None = option(None, "the first N sorted training cases of the labeled domain",
+                                     exclusive="labeled")
+    labeled_ratio: float | None = option(None, "int(ratio * all training cases) labeled cases (BUSI: 0.125, 0.25)",
+                                         exclusive="labeled")
+    # None: the rest of the labeled domain and every other domain
+    unlabeled_domains: list[str] | None = option(
+        None, "domains whose training cases are used unlabeled (default: the rest of the labeled domain and "
+        "every other domain). UDA: --labeled-ratio 1.0 --unlabeled-domains LGE", metavar="D1,D2")
+    test_domains: list[str] | None = option(None, "domains whose test cases are evaluated (default: every domain)",
+                                            metavar="D1,D2")
+    skip_bad: bool = option(False, "train without the cases `synfoc data check` reports problems for")
     # method
-    method: str = "synfoc"
-    alpha: str = "smc"
-    consistency: str = "cdcr"
+    method: str = option("synfoc", "the method, SynFoC or a baseline", scope=TRAIN, listed=True)
+    alpha: str = option("smc", "SynFoC's per-image mixing weight of the two teachers (default smc; the rest "
+                        "are ablations)", scope=TRAIN)
+    consistency: str = option("cdcr", "SynFoC's consistency regulariser (default cdcr; the rest are ablations)",
+                              scope=TRAIN)
     threshold: float = 0.95
     ema_decay: float = 0.99
     teacher_mode: str = "train"           # the published script keeps both teachers in train mode
     recalibrate_bn: bool = True           # U-Net BatchNorm statistics from weak training views at the end
     baseline: str | None = None           # also train this method (if not --method) with the same settings into RUN/<method>/
     # models
-    foundation: str = "litemedsam"
-    checkpoint: str | None = None
-    image_size: int | None = None         # foundation input size (None: the model's native size)
-    lora_rank: int = 4
-    grad_checkpointing: bool = False
-    unet_size: int = 256                  # U-Net patch size
-    unet_width: int = 64
+    foundation: str = option("litemedsam", "the foundation model (`synfoc models` lists them; default litemedsam)")
+    checkpoint: str | None = option(None, "foundation-model weights (.pth, segment_anything format)")
+    image_size: int | None = option(None, "foundation-model input size (default: the model's native size)")
+    lora_rank: int = option(4, "rank of the foundation encoder's LoRA adapters (default 4; 0: none)", scope=TRAIN)
+    grad_checkpointing: bool = option(False, "recompute foundation-encoder activations in the backward pass "
+                                      "(less memory)")
+    unet_size: int = option(256, "U-Net input (patch) size")
+    unet_width: int = option(64, "U-Net base width (paper: 64)")
     # optimisation
-    iters: int = 30000
-    batch_labeled: int = 4
-    batch_unlabeled: int = 4
+    iters: int = option(30000, "training iterations (>= 1; default 30000, presets set the paper's)")
+    batch_labeled: int = option(4, "labeled images per iteration and process (>= 1; default 4)")
+    batch_unlabeled: int = option(4, "unlabeled images per iteration and process (>= 1; default 4)")
     lr_unet: float = 0.03
     momentum_unet: float = 0.9
     weight_decay_unet: float = 1e-4
@@ -57,14 +82,20 @@ class TrainConfig:
     brightness: list[float] = field(default_factory=lambda: [0.1, 2.0])
     contrast: list[float] = field(default_factory=lambda: [0.1, 2.0])
     # run
-    seed: int = 1337
-    device: str = "auto"                  # cpu | cuda | auto
-    precision: str = "auto"               # auto | bf16 | fp32
-    compile: bool = False
-    deterministic: bool = False
+    seed: int = option(1337, "seed of the initialisation, data order and augmentation (default 1337)")
+    device: str = option("auto", "where to train (default auto: CUDA when available)")
+    precision: str = option("auto", "auto (default): bf16 autocast on CUDA and on CPUs with bf16 support, else fp32")
+    compile: bool = option(False, "torch.compile the students", scope=TRAIN)
+    deterministic: bool = option(False, "deterministic PyTorch kernels (slower; same results run to run on one "
+                                 "machine)", scope=TRAIN)
     log_every: int = 10
-    checkpoint_every: int | None = None   # None: about 20 per run (see checkpoint_interval), and every 10 minutes
-    eval_every: int = 0                   # >0: evaluate on the test sets every K iterations (--select-on test)
+    # None: about 20 per run (see checkpoint_interval), and every 10 minutes
+    checkpoint_every: int | None = option(None, "write checkpoint.pt every K iterations (default: about 20 per "
+                                          "run); one is also written after every 10 minutes of training and on "
+                                          "Ctrl-C", metavar="K")
+    # >0: evaluate on the test sets every K iterations (--select-on test)
+    eval_every: int = option(0, "also evaluate on the test sets every K iterations and keep the best (the authors' "
+                             "optimistic protocol; see evaluate --select-on test)", scope=TRAIN)
     synthetic_train: int = 40             # cases per domain of the embedded default
     synthetic_test: int = 12
     synthetic_classes: int = 1
@@ -99,23 +130,19 @@ class TrainConfig:
         return dataclasses.replace(self, **values)
 
 
-# Choices of the string settings (also the command line's choices).
-METHODS = ("synfoc", "base-unet", "base-foundation", "suponly-unet", "suponly-foundation", "samed", "fixmatch")
-CHOICES = {
-    "method": METHODS,
-    "format": ("auto", "fundus", "prostate", "mnms", "busi", "acdc", "mscmrseg", "folder"),
-    "alpha": ("smc", "self", "mutual", "constant", "linear", "cps"),
-    "consistency": ("cdcr", "cr", "none"),
-    "teacher_mode": ("train", "eval"),
-    "device": ("auto", "cpu", "cuda"),
-    "precision": ("auto", "bf16", "fp32"),
-}
+def _choices() -> dict[str, tuple[str, ...]]:
+    from synfoc.data.formats import FORMATS
+    from synfoc.method.registry import ALPHA_STRATEGIES, CONSISTENCIES, METHODS
+    return {"method": tuple(METHODS), "format": ("auto", *FORMATS), "alpha": tuple(ALPHA_STRATEGIES),
+            "consistency": tuple(CONSISTENCIES), "teacher_mode": ("train", "eval"),
+            "device": ("auto", "cpu", "cuda"), "precision": ("auto", "bf16", "fp32")}
+
+
+# Choices of the string settings (also the command line's choices), from the registries.
+CHOICES = _choices()
+METHODS = CHOICES["method"]
 # Settings that are command-line options (named as such in messages); the rest are YAML settings.
-COMMAND_LINE = {"dataset", "format", "labeled_domain", "labeled_num", "labeled_ratio", "unlabeled_domains",
-                "test_domains", "skip_bad", "method",
-                "alpha", "consistency", "foundation", "checkpoint", "image_size", "lora_rank",
-                "grad_checkpointing", "unet_size", "unet_width", "iters", "batch_labeled", "batch_unlabeled",
-                "seed", "device", "precision", "compile", "deterministic", "checkpoint_every", "eval_every"}
+COMMAND_LINE = {f.name for f in dataclasses.fields(TrainConfig) if "scope" in f.metadata}
 
 
 def option_name(name: str) -> str:

@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from synfoc.checkpoint import load_run
 from synfoc.metrics import METRIC_NAMES, batch_multiclass_metrics
 
 
@@ -209,59 +210,6 @@ def write_evaluation(rows: list[dict], out: Path, cfg, index, selection: str = "
     return summary
 
 
-def load_run(run: Path, dataset: str | None = None, weights_dir: Path | None = None, device: str = "auto"):
-    """(config, dataset index, students on the device, runtime) of a finished run folder."""
-    from safetensors.torch import load_file
-
-    from synfoc.config import run_config
-    from synfoc.models import build_foundation_model, build_unet
-    from synfoc.models.weights import load_trainable
-    from synfoc.train import make_runtime, open_index
-
-    run = Path(run)
-    cfg = run_config(run)
-    cfg = cfg.update({"device": device} | ({"dataset": dataset} if dataset else {}), "command line")
-    if cfg.dataset != "synthetic" and not Path(cfg.dataset).exists():
-        where = "" if dataset else f" (as stored in {run / 'config.yaml'})"
-        raise ValueError(f"the run's dataset {cfg.dataset} is not found{where}; pass --dataset PATH to say "
-                         "where it is now")
-    rt = make_runtime(cfg)
-    index = open_index(cfg)
-    if dataset:
-        check_run_cases(run, index, dataset)
-    weights_dir = Path(weights_dir or run)
-    students = {}
-    if (weights_dir / "unet.safetensors").is_file():
-        unet = build_unet(index.channels, index.num_classes, cfg.unet_width)
-        try:
-            unet.load_state_dict(load_file(str(weights_dir / "unet.safetensors")))
-        except (RuntimeError, OSError) as exc:
-            raise ValueError(f"{weights_dir / 'unet.safetensors'} does not fit a U-Net for this dataset's "
-                             f"{index.num_classes} class(es) and {index.channels} channel(s) "
-                             f"({str(exc).strip().splitlines()[0]})") from None
-        students["unet"] = unet
-    if (weights_dir / "foundation.safetensors").is_file():
-        fm = build_foundation_model(cfg.foundation, index.num_classes, lora_rank=cfg.lora_rank,
-                                    image_size=cfg.image_size, checkpoint=cfg.checkpoint)
-        load_trainable(fm, weights_dir / "foundation.safetensors")
-        students["foundation"] = fm
-    if not students:
-        raise ValueError(f"no student weights (unet.safetensors, foundation.safetensors) in {weights_dir}")
-    return cfg, index, {k: m.to(rt.device).eval() for k, m in students.items()}, rt
-
-
-def check_run_cases(run: Path, index, dataset: str) -> None:
-    """Data given with ``--dataset`` for a run must hold the run's training cases (by domain and
-    name, from ``labeled.txt`` / ``unlabeled.txt``): moved data passes, other data is refused."""
-    names = {f"{c.domain}/{c.name}" for c in index.cases_of(split="train")}
-    wanted = [line for f in ("labeled.txt", "unlabeled.txt") if (run / f).is_file()
-              for line in (run / f).read_text().splitlines() if line]
-    missing = [n for n in wanted if n not in names]
-    if missing:
-        raise ValueError(f"--dataset {dataset} is not the data of {run}: {len(missing)} of its {len(wanted)} "
-                         f"training cases are missing there (e.g. {', '.join(missing[:3])})")
-
-
 def evaluate_run(run: Path, dataset: str | None = None, select_on: str = "final", device: str = "auto") -> dict:
     """``synfoc evaluate``: re-evaluate the saved students and rewrite summary, CSV and table."""
     run = Path(run)
@@ -269,6 +217,9 @@ def evaluate_run(run: Path, dataset: str | None = None, select_on: str = "final"
     if select_on == "test" and not (weights / "best.json").is_file():
         raise ValueError(f"{run} has no test-selected students: train with --eval-every K to keep them")
     cfg, index, students, rt = load_run(run, dataset, weights, device)
+    # the kernels training evaluated with, so that the summary is reproduced, not only within bf16 rounding
+    from synfoc.accel import accelerate
+    students = {k: accelerate(m, rt.device) for k, m in students.items()}
     rows = evaluate_students(students, index, cfg, rt.device, rt.autocast, progress=True)
     summary = write_evaluation(rows, run, cfg, index, "final" if select_on == "final" else "test-selected")
     print(markdown_table(summary, tested_domains(index, cfg)))

@@ -141,7 +141,7 @@ def load_predictor(run: Path, student: str | None = None, device: str = "auto", 
                    slice_axis: int | None = None, review: bool | None = None,
                    threshold: float = REVIEW_THRESHOLD) -> tuple[Predictor, object, object]:
     """(:func:`make_predictor`'s predictor, the run's config, its dataset index)."""
-    from synfoc.evaluate import load_run
+    from synfoc.checkpoint import load_run
     cfg, index, students, rt = load_run(Path(run), dataset=dataset, device=device)
     kind = student or ("foundation" if "foundation" in students else "unet")
     both = all(s in students for s in STUDENTS)
@@ -309,7 +309,7 @@ def write_overlay(image: np.ndarray, label: np.ndarray, parts, path: Path) -> No
     """The image with the contour of each predicted part in its colour (as in the report)."""
     from PIL import Image
 
-    from synfoc.report import overlay_contours
+    from synfoc.figures import overlay_contours
     path.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(overlay_contours(image, label, parts)).save(path)
 

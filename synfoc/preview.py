@@ -1,7 +1,7 @@
 """What the models train on: a few cases' weak view, strong view and intermediate sample.
 
 ``synfoc data preview PATH --out FILE.png`` draws them before any training, from the same code that
-makes the training batches (:func:`synfoc.train.make_views`), at both model input sizes. The
+makes the training batches (:func:`synfoc.views.make_views`), at both model input sizes. The
 intermediate sample U_c takes the labeled weak view inside the box M (yellow) and the strong view
 outside it; its label takes the labeled case's label inside the box and, outside it, the pseudo-label
 — before training there is no teacher, so the unlabeled case's hidden label stands in for it, and
@@ -10,13 +10,7 @@ outside it; its label takes the labeled case's label inside the box and, outside
 
 from __future__ import annotations
 
-import io
-
 import numpy as np
-
-
-# the names of synfoc.report.PART_COLOURS, in order
-COLOUR_NAMES = ("red", "green", "blue", "yellow", "magenta", "cyan", "orange", "purple")
 
 
 def _uint8(image) -> np.ndarray:
@@ -40,12 +34,13 @@ def preview_png(cfg, index, cases: int = 4, students: dict | None = None, seed: 
     from matplotlib.patches import Rectangle
 
     from synfoc.augment import AugmentConfig, intermediate_sample
+    from synfoc.build import with_image_size
     from synfoc.data import split_labeled
     from synfoc.evaluate import predict_labels
+    from synfoc.figures import COLOUR_NAMES, overlay_contours, pyplot, save_figure
     from synfoc.method.synfoc import resize_labels
-    from synfoc.models.foundation import FOUNDATION_MODELS
-    from synfoc.report import _pyplot, _save, overlay_contours
-    from synfoc.train import Runtime, load_arrays, make_views
+    from synfoc.runtime import Runtime
+    from synfoc.views import load_arrays, make_views
 
     if cases < 1:
         raise ValueError(f"--cases must be at least 1, got {cases}")
@@ -55,8 +50,7 @@ def preview_png(cfg, index, cases: int = 4, students: dict | None = None, seed: 
                                                    cfg.unlabeled_domains)
     if not unlabeled_cases:
         raise ValueError("the split has no unlabeled case to preview")
-    foundation_size = cfg.image_size or FOUNDATION_MODELS[cfg.foundation].native_size
-    sizes = {"unet": cfg.unet_size, "foundation": foundation_size}
+    sizes = {"unet": cfg.unet_size, "foundation": with_image_size(cfg).image_size}
     labeled = load_arrays(index, labeled_cases, list(sizes.values()), progress=False)
     unlabeled = load_arrays(index, unlabeled_cases, list(sizes.values()), progress=False)
     rt = Runtime(torch.device("cpu"), None)
@@ -66,7 +60,7 @@ def preview_png(cfg, index, cases: int = 4, students: dict | None = None, seed: 
     guide = next((k for k in ("foundation", "unet") if students and k in students), None)
     outside = "hidden label" if guide is None else f"final {guide} student"
     parts = list(index.report_parts)
-    plt = _pyplot()
+    plt = pyplot()
     columns = [("X_w", "labeled, weak + label"), ("U_w", "unlabeled, weak"),
                ("U_s", "unlabeled, strong"), ("U_c", f"box: X_w; outside: {outside}")]
     n = v.x_u.shape[0]
@@ -100,7 +94,7 @@ def preview_png(cfg, index, cases: int = 4, students: dict | None = None, seed: 
     fig.suptitle(f"labeled domain {domain}; left: U-Net input {sizes['unet']}, right: foundation input "
                  f"{sizes['foundation']}; contours: {legend}; yellow box: M", fontsize=8)
     fig.tight_layout()
-    return _save(fig)
+    return save_figure(fig)
 
 
 def preview_main(args) -> int:
@@ -108,15 +102,14 @@ def preview_main(args) -> int:
     from pathlib import Path
 
     from synfoc.config import resolve
-    from synfoc.train import open_index
+    from synfoc.data.source import open_index
+    from synfoc.options import overrides
 
-    overrides = {k: getattr(args, k, None) for k in (
-        "format", "labeled_domain", "labeled_num", "labeled_ratio", "foundation", "image_size", "unet_size", "seed")}
-    overrides["dataset"] = args.path
+    given = {**overrides(args), "dataset": args.path}
     if not Path(args.path).exists() and args.path != "synthetic":
         raise ValueError(f"dataset path does not exist: {args.path}")
     preset = args.preset or ("demo" if args.path == "synthetic" and not args.config else None)
-    cfg = resolve(preset, args.config, overrides)
+    cfg = resolve(preset, args.config, given)
     if cfg.labeled_num is None and cfg.labeled_ratio is None:
         raise ValueError("data preview: give --labeled-num N or --labeled-ratio R (or a --preset that sets one)")
     out = Path(args.out)

@@ -11,12 +11,13 @@ import base64
 import csv
 import datetime
 import html
-import io
 import json
 import sys
 from pathlib import Path
 
 import numpy as np
+
+from synfoc.figures import PART_COLOURS, overlay_contours, png_bytes, pyplot, save_figure
 
 CURVES = [("losses", ("loss", "loss_x", "loss_u", "loss_c", "loss_d")),
           ("ramp and ensemble weight", ("lambda", "alpha", "self_confidence", "mutual_confidence")),
@@ -30,10 +31,6 @@ CURVES = [("losses", ("loss", "loss_x", "loss_u", "loss_c", "loss_d")),
 FIG6_DASHED = ("self_confidence", "mutual_confidence", "alpha")
 FIG6_SOLID = ("pseudo_dice_foundation", "pseudo_dice_unet", "pseudo_dice_ensemble")
 
-# One colour per reported part (RGB); ground truth and predictions share them so that a part
-# reads the same in every tile.
-PART_COLOURS = [(255, 64, 64), (64, 220, 64), (64, 128, 255), (255, 210, 0), (255, 64, 255),
-                (0, 230, 230), (255, 140, 0), (160, 96, 255)]
 STUDENT_NAMES = {"unet": "U-Net", "foundation": "foundation model"}
 
 
@@ -60,13 +57,6 @@ def _series(history: list[dict], key: str) -> tuple[list[float], list[float]]:
     return [p[0] for p in pts], [float(p[1]) for p in pts]
 
 
-def _pyplot():
-    import matplotlib
-    matplotlib.use("Agg")  # files only: no display is ever needed
-    import matplotlib.pyplot as plt
-    return plt
-
-
 def _draw_panel(ax, history: list[dict], title: str, keys: list[str]) -> None:
     for k in keys:
         ax.plot(*_series(history, k), label=k)
@@ -87,29 +77,15 @@ def _panels(history: list[dict]) -> list[tuple[str, list[str]]]:
     return [p for p in panels if p[1]]
 
 
-def _save(fig, path: Path | None = None, dpi: int = 90) -> bytes:
-    """PNG bytes of a figure; also written atomically to ``path`` when given (training may be
-    writing progress.png while someone looks at it)."""
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=dpi)
-    _pyplot().close(fig)
-    data = buf.getvalue()
-    if path is not None:
-        tmp = path.with_name(path.name + ".tmp.png")
-        tmp.write_bytes(data)
-        tmp.replace(path)
-    return data
-
-
 def plot_curves(history: list[dict], path: Path) -> None:
     """Training curves (losses; lambda, alpha, self and mutual confidence; pseudo-label Dice)."""
-    plt = _pyplot()
+    plt = pyplot()
     panels = _panels(history)
     fig, axes = plt.subplots(1, max(1, len(panels)), figsize=(5 * max(1, len(panels)), 3.6), squeeze=False)
     for ax, (title, keys) in zip(axes[0], panels):
         _draw_panel(ax, history, title, keys)
     fig.tight_layout()
-    _save(fig, Path(path))
+    save_figure(fig, Path(path))
 
 
 def write_progress_png(run: Path) -> None:
@@ -121,13 +97,13 @@ def write_progress_png(run: Path) -> None:
 
 def curve_pngs(history: list[dict]) -> list[tuple[str, bytes]]:
     """One PNG per panel of :data:`CURVES` plus the paper's Fig. 6 view, as (title, bytes)."""
-    plt = _pyplot()
+    plt = pyplot()
     out = []
     for title, keys in _panels(history):
         fig, ax = plt.subplots(figsize=(6, 3.6))
         _draw_panel(ax, history, title, keys)
         fig.tight_layout()
-        out.append((title, _save(fig)))
+        out.append((title, save_figure(fig)))
     dashed = [k for k in FIG6_DASHED if any(k in h for h in history)]
     solid = [k for k in FIG6_SOLID if any(k in h for h in history)]
     if dashed and solid:
@@ -138,45 +114,8 @@ def curve_pngs(history: list[dict]) -> list[tuple[str, bytes]]:
             ax.plot(*_series(history, k), linestyle="-", label=k)
         _style(ax, "alpha and pseudo-label quality (paper Fig. 6)")
         fig.tight_layout()
-        out.append(("alpha and pseudo-label quality (paper Fig. 6)", _save(fig)))
+        out.append(("alpha and pseudo-label quality (paper Fig. 6)", save_figure(fig)))
     return out
-
-
-# ----------------------------------------------------------------------------- contours
-
-def part_boundary(mask: np.ndarray, thickness: int = 1) -> np.ndarray:
-    """The inner boundary of a boolean region: its pixels with a 4-neighbour outside it (the image
-    border counts as outside), grown inwards to ``thickness`` pixels."""
-    from scipy.ndimage import binary_erosion
-    if not mask.any():
-        return np.zeros_like(mask, dtype=bool)
-    inner = binary_erosion(mask, iterations=max(1, thickness), border_value=0)
-    return mask & ~inner
-
-
-def overlay_contours(image: np.ndarray, label: np.ndarray, parts: list[tuple[str, tuple[int, ...]]],
-                     thickness: int | None = None) -> np.ndarray:
-    """RGB uint8 (H, W, 3): ``image`` (uint8 (H, W), (H, W, 1) or (H, W, 3)) with the contour of
-    each reported part of ``label`` in that part's colour of :data:`PART_COLOURS`.
-
-    Parts are drawn in order, so a part nested in another (Fundus cup in disc) stays visible.
-    """
-    rgb = image if image.ndim == 3 else image[..., None]
-    rgb = np.repeat(rgb, 3, axis=-1) if rgb.shape[-1] == 1 else rgb[..., :3]
-    rgb = np.ascontiguousarray(rgb, dtype=np.uint8).copy()
-    if thickness is None:  # about 1 pixel per 200 so contours stay visible on large images
-        thickness = max(1, round(min(label.shape) / 200))
-    for i, (_, values) in enumerate(parts):
-        edge = part_boundary(np.isin(label, values), thickness)
-        rgb[edge] = PART_COLOURS[i % len(PART_COLOURS)]
-    return rgb
-
-
-def png_bytes(array: np.ndarray) -> bytes:
-    from PIL import Image
-    buf = io.BytesIO()
-    Image.fromarray(array).save(buf, format="PNG")
-    return buf.getvalue()
 
 
 # ----------------------------------------------------------------------------- gallery
@@ -198,8 +137,9 @@ def gallery(run: Path, per_domain: int, device: str = "auto", dataset: str | Non
     Three times as many cases as asked are read and those with foreground in the ground truth are
     preferred, so that slices of a volume outside the organ do not fill the gallery.
     """
+    from synfoc.checkpoint import load_run
     from synfoc.data import load_cases
-    from synfoc.evaluate import eval_size, load_run, predict_labels
+    from synfoc.evaluate import eval_size, predict_labels
 
     cfg, index, students, rt = load_run(run, dataset=dataset, device=device)
     size = eval_size(cfg)
@@ -396,7 +336,7 @@ def _config_lines(run: Path) -> list[str]:
 def training_views_html(run: Path, device: str = "auto", dataset: str | None = None) -> str:
     """Three labeled/unlabeled pairs as training draws them (weak, strong, intermediate views, at
     both model sizes), with the final students' prediction as the pseudo-label outside the box."""
-    from synfoc.evaluate import load_run
+    from synfoc.checkpoint import load_run
     from synfoc.preview import preview_png
     cfg, index, students, _ = load_run(run, dataset=dataset, device=device)
     png = preview_png(cfg, index, cases=3, students=students)

@@ -28,16 +28,11 @@ import statistics
 from dataclasses import dataclass
 from pathlib import Path
 
-from synfoc.config import TrainConfig, load_yaml, resolve
+from synfoc.config import SHARED, TrainConfig, load_yaml, resolve
+from synfoc.method.registry import ALPHA_STRATEGIES, CONSISTENCIES, METHODS, baselines_of, models_of
+from synfoc.options import add_setting_options, overrides
 
-# Kept here (not imported from synfoc.method) so that building the CLI parser does not import torch.
-METHOD_NAMES = {"synfoc": "SynFoC", "base-unet": "Base", "base-foundation": "Base",
-                "suponly-unet": "SupOnly", "suponly-foundation": "SupOnly", "samed": "SAMed",
-                "fixmatch": "FixMatch"}
-ALPHA_NAMES = {"smc": "SMC", "self": "self-only", "mutual": "mutual-only", "constant": "constant 0.5",
-               "linear": "linear", "cps": "CPS"}
-CONSISTENCY_NAMES = {"cdcr": "CDCR", "cr": "CR", "none": "no CDCR"}
-DEFAULT_ALPHA, DEFAULT_CONSISTENCY = "smc", "cdcr"
+DEFAULT_ALPHA, DEFAULT_CONSISTENCY = TrainConfig.alpha, TrainConfig.consistency
 FOUNDATION_NAMES = {"litemedsam": "LiteMedSAM", "medsam_vit_b": "MedSAM", "sam_vit_b": "SAM-B",
                     "sam_vit_l": "SAM-L", "sam_vit_h": "SAM-H"}
 # Settings that change how a run executes or where its data lie, not what it learns: a finished
@@ -48,8 +43,7 @@ METRICS = ("dice", "jaccard", "hd95", "asd")
 SUMMARY, CHECKPOINT, CONFIG = "summary.json", "checkpoint.pt", "config.yaml"
 TABLES, SEEDS_CSV = "sweep.md", "sweep_seeds.csv"
 # The baselines SynFoC's two students are compared with in the paired-difference table.
-BASELINES = {"unet": ("base-unet", "suponly-unet", "fixmatch"),
-             "foundation": ("base-foundation", "samed", "suponly-foundation")}
+BASELINES = {student: baselines_of(student) for student in ("unet", "foundation")}
 # "--seeds N" is a count; a larger N is almost surely a seed meant as a one-element list.
 MAX_SEED_COUNT = 20
 
@@ -76,10 +70,10 @@ class Variant:
     @property
     def title(self) -> str:
         """The paper's name: ``SynFoC``, ``SynFoC (constant 0.5, CR)``, ``SupOnly``."""
-        names = [ALPHA_NAMES[self.alpha] if self.alpha != DEFAULT_ALPHA else None,
-                 CONSISTENCY_NAMES[self.consistency] if self.consistency != DEFAULT_CONSISTENCY else None]
+        names = [ALPHA_STRATEGIES[self.alpha] if self.alpha != DEFAULT_ALPHA else None,
+                 CONSISTENCIES[self.consistency] if self.consistency != DEFAULT_CONSISTENCY else None]
         extra = ", ".join(n for n in names if n)
-        return METHOD_NAMES[self.method] + (f" ({extra})" if extra else "")
+        return METHODS[self.method].title + (f" ({extra})" if extra else "")
 
     def overrides(self) -> dict:
         return {"method": self.method, "alpha": self.alpha, "consistency": self.consistency}
@@ -94,9 +88,6 @@ def parse_variants(methods: str, alphas: str | None = None, consistencies: str |
         ValueError: an unknown method or option, an option on a method other than synfoc, or
             ``--alpha``/``--consistency`` without a synfoc entry.
     """
-    from synfoc.method.baselines import METHODS
-    from synfoc.method.synfoc import ALPHA_STRATEGIES, CONSISTENCIES
-
     def names(text: str | None, allowed, what: str) -> list[str] | None:
         if text is None:
             return None
@@ -213,7 +204,11 @@ def read_summary(folder: Path) -> dict | None:
 def config_differences(stored: dict, wanted: TrainConfig) -> list[str]:
     """Settings (other than RUNTIME_SETTINGS) in which a run folder's config.yaml differs from the
     configuration the sweep asks for, as ``name: stored -> wanted``."""
-    want = wanted.to_dict()
+    from synfoc.build import native_size, with_image_size
+    stored = dict(stored)
+    if stored.get("image_size") is None and stored.get("foundation"):   # written before config.yaml named it
+        stored["image_size"] = native_size(stored["foundation"])
+    want = with_image_size(wanted).to_dict()
     diffs = []
     for key in sorted(set(stored) | set(want)):
         if key in RUNTIME_SETTINGS:
@@ -273,11 +268,6 @@ def _row_label(variant: Variant, student: str, foundation: str) -> str:
     """``SynFoC_U-Net``, ``SynFoC_MedSAM``, ``SupOnly_U-Net`` (the paper's SynFoC_MedSAM rows)."""
     model = "U-Net" if student == "unet" else FOUNDATION_NAMES.get(foundation, foundation)
     return f"{variant.title}_{model}"
-
-
-def _students_of(method: str) -> tuple[str, ...]:
-    from synfoc.method.baselines import models_of
-    return models_of(method)
 
 
 def _mean(values: list[float]) -> float:
@@ -341,7 +331,7 @@ def main_table(variants: list[Variant], domains: list[str], summaries: dict, fou
     head = "| Method | " + " | ".join(domains) + " | DSC Avg | Jaccard | 95HD | ASD |"
     lines = [head, "|---" * (len(domains) + 5) + "|"]
     for variant in variants:
-        for student in _students_of(variant.method):
+        for student in models_of(variant.method):
             cells: list[str] = []
             per_seed = {s: {m: [] for m in METRICS} for s in seeds}
             for domain in domains:
@@ -389,7 +379,7 @@ def run_table(variant: Variant, domains: list[str], summaries: dict, foundation:
     head = ("| Student | labeled | " + " | ".join(f"test {d}" for d in tests)
             + " | DSC | Jaccard | 95HD | ASD |")
     lines = [head, "|---" * (len(tests) + 6) + "|"]
-    for student in _students_of(variant.method):
+    for student in models_of(variant.method):
         for domain in domains:
             results = [r for r in (_result(summaries, variant, domain, s, student) for s in seeds) if r is not None]
             label = f"| {_row_label(variant, student, foundation)} | {domain} | "
@@ -526,7 +516,7 @@ def seed_rows(variants: list[Variant], domains: list[str], summaries: dict,
     for variant in variants:
         for domain in domains:
             for seed in _seeds(summaries, seeds):
-                for student in _students_of(variant.method):
+                for student in models_of(variant.method):
                     res = _result(summaries, variant, domain, seed, student)
                     if res is None:
                         continue
@@ -569,17 +559,17 @@ def write_tables(out: Path, variants: list[Variant], domains: list[str], seeds: 
 
 # ----------------------------------------------------------------------------- the verb
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from synfoc.cli import add_setting_options
-    add_setting_options(p, dataset_required=True)
+    add_setting_options(p, (SHARED,), dataset_required=True)
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("--out", required=True, help="sweep folder: runs in OUT/<method>/<domain>/ (OUT/<method>/<domain>/"
                                                 "seed<N>/ with several seeds), tables in OUT/sweep.md")
     p.add_argument("--methods", default="synfoc",
-                   help="comma-separated: synfoc, base-unet, base-foundation, suponly-unet, suponly-foundation, "
-                        "samed, fixmatch; synfoc:ALPHA:CONSISTENCY picks SynFoC's options (default: synfoc)")
+                   help=f"comma-separated: {', '.join(METHODS)}; synfoc:ALPHA:CONSISTENCY picks SynFoC's options "
+                        "(default: synfoc)")
     p.add_argument("--alpha", help="comma-separated alpha strategies for every plain synfoc entry "
-                                   "(smc, self, mutual, constant, linear, cps)")
+                                   f"({', '.join(ALPHA_STRATEGIES)})")
     p.add_argument("--consistency", help="comma-separated consistency terms for every plain synfoc entry "
-                                         "(cdcr, cr, none)")
+                                         f"({', '.join(CONSISTENCIES)})")
     p.add_argument("--labeled-domains", help="comma-separated columns (default: every domain of the dataset)")
     p.add_argument("--seeds", help="N: the seeds S..S+N-1 where S is --seed (or the preset's); or a comma list "
                                    "of seeds (1337,1338,2024; one seed as 2024,). Cells become mean ± std")
@@ -589,17 +579,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def base_config(args: argparse.Namespace) -> TrainConfig:
     """The preset, config file and command-line settings shared by every run of the sweep."""
-    overrides = {k: getattr(args, k) for k in (
-        "dataset", "format", "labeled_num", "labeled_ratio", "unlabeled_domains", "test_domains", "iters",
-        "foundation", "checkpoint", "image_size",
-        "unet_size", "unet_width", "batch_labeled", "batch_unlabeled", "seed", "device", "precision",
-        "grad_checkpointing", "skip_bad")}
-    cfg = resolve(args.preset, args.config, overrides)
-    # A number on the command line replaces the preset's ratio and vice versa (the split takes one).
-    if args.labeled_num is not None:
-        cfg = cfg.update({"labeled_ratio": None}, "command line")
-    if args.labeled_ratio is not None:
-        cfg = cfg.update({"labeled_num": None}, "command line")
+    cfg = resolve(args.preset, args.config, overrides(args, (SHARED,)))
     if cfg.dataset != "synthetic" and not Path(cfg.dataset).exists():
         raise ValueError(f"dataset path does not exist: {cfg.dataset}")
     return cfg
@@ -612,7 +592,7 @@ def plan_sweep(cfg: TrainConfig, variants: list[Variant], domains: list[str] | N
     multi-seed sweep has a complete table for its first seed before it starts the second."""
     from synfoc.data import check_domains, split_labeled
     from synfoc.data.base import DataError
-    from synfoc.train import open_index
+    from synfoc.data.source import open_index
 
     seeds = seeds or [cfg.seed]
     index = open_index(cfg)
@@ -648,7 +628,8 @@ def run_sweep(cfg: TrainConfig, variants: list[Variant], domains: list[str] | No
     """Train every missing run (none with ``tables_only``), then write OUT/sweep.md and
     OUT/sweep_seeds.csv; returns (the Markdown, failed runs)."""
     from synfoc.data.base import DataError
-    from synfoc.train import TrainingError, train
+    from synfoc.errors import TrainingError
+    from synfoc.train import train
 
     seeds = seeds or [cfg.seed]
     master = int(os.environ.get("RANK", 0)) == 0
@@ -695,7 +676,9 @@ def run_sweep(cfg: TrainConfig, variants: list[Variant], domains: list[str] | No
 
 
 def main(args: argparse.Namespace) -> int:
+    from synfoc.runtime import prepare_process
     cfg = base_config(args)
+    prepare_process(cfg)
     variants = parse_variants(args.methods, args.alpha, args.consistency)
     seeds = parse_seeds(args.seeds, cfg.seed)
     domains = [d.strip() for d in args.labeled_domains.split(",") if d.strip()] if args.labeled_domains else None

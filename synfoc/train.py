@@ -1,6 +1,10 @@
-"""The training loop: devices, precision, data sampling, checkpoints and resume, logging, DDP.
+"""The training loop: set up a run from its configuration, then iterate, log and checkpoint.
 
-The method itself lives in :mod:`synfoc.method`; this file only feeds it and keeps the run safe.
+nanoGPT's shape: everything it calls lives elsewhere. The method (one iteration's loss) is in
+:mod:`synfoc.method`, the batches and their views in :mod:`synfoc.views`, devices and precision
+in :mod:`synfoc.runtime`, students and optimizers in :mod:`synfoc.build`, run-folder files in
+:mod:`synfoc.checkpoint`, the final evaluation in :mod:`synfoc.evaluate`.
+
 Launch on several GPUs or processes with ``torchrun --nproc_per_node N -m synfoc train ...``: each
 process then draws its own batches (seed offset by rank), only the students are wrapped in
 DistributedDataParallel, teachers stay local, and rank 0 alone writes logs and checkpoints.
@@ -10,312 +14,42 @@ Batch sizes are per process: the effective batch is N times larger.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import json
 import math
 import os
-import platform
-import random
 import signal
 import sys
 import threading
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.distributed as dist
 import yaml
 from torch import nn
 
-from synfoc.augment import AugmentConfig, box_mask, draw_boxes, draw_strong, strong, warp, weak_grid
+from synfoc.accel import accelerate
+from synfoc.augment import AugmentConfig
+from synfoc.build import build_method, build_students, make_optimizers, parameter_summary, with_image_size
+from synfoc.checkpoint import (CHECKPOINT, atomic_save, check_same_split, load_checkpoint, save_student_weights,
+                               teacher_state, trainable_state, trim_history)
 from synfoc.config import TrainConfig, validate
-from synfoc.cpu import cpu_has_bf16
 from synfoc.data.base import DataError, DatasetIndex, Problem
-from synfoc.errors import Interrupted, TrainingError, os_error_message, torch_load_reason
-from synfoc.method.baselines import SingleModel, models_of
+from synfoc.data.source import open_index
+from synfoc.errors import Interrupted, TrainingError
 from synfoc.method.ema import ema_update, make_teacher
-from synfoc.method.synfoc import INSTANCES, SynFoC, Views
+from synfoc.method.registry import models_of
+from synfoc.method.synfoc import INSTANCES
+from synfoc.runtime import (Runtime, environment, fast_layout, make_runtime, release_freed_memory, seed_everything,
+                            unwrap)
+from synfoc.views import load_arrays, make_views, recalibrate_batchnorm
 
-CHECKPOINT = "checkpoint.pt"
 # A checkpoint is also written when this much wall time passed since the last one, so that a kill
 # never loses more than about ten minutes of work, whatever the interval in iterations.
 CHECKPOINT_SECONDS = 600.0
 
 
-# ----------------------------------------------------------------------------- devices and precision
-@dataclass
-class Runtime:
-    device: torch.device
-    dtype: torch.dtype | None  # autocast dtype, None = fp32
-    rank: int = 0
-    world: int = 1
-    keeps_freed_memory: bool = False  # glibc keeps freed blocks for reuse (CPU, keep_freed_memory)
-
-    @property
-    def master(self) -> bool:
-        return self.rank == 0
-
-    def autocast(self):
-        if self.dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast(self.device.type, dtype=self.dtype)
-
-
-# glibc's mallopt parameters (<malloc.h>)
-_M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4
-
-
-def _glibc() -> ctypes.CDLL | None:
-    """The C library when it is glibc (``mallopt``, ``malloc_trim``), else None."""
-    if sys.platform != "linux" or platform.libc_ver()[0] != "glibc":
-        return None
-    return ctypes.CDLL(None)
-
-
-def keep_freed_memory() -> bool:
-    """Let glibc keep freed memory for reuse instead of giving it back to the OS (CPU training).
-
-    By default glibc serves every block above a (dynamic, at most 32 MB) threshold with its own
-    ``mmap`` and unmaps it on ``free``, and trims the heap's free top. Most activations of a training
-    step are such blocks, so every iteration faulted in and zeroed fresh pages for them, several
-    times slower than writing into reused memory. Without ``mmap`` for large blocks and without
-    trimming, the step reuses its own freed memory (faster, at a somewhat higher peak resident
-    memory; ``benchmarks/step_time.py --with-system-malloc`` measures it). Process-wide; only on glibc; ``SYNFOC_SYSTEM_MALLOC=1`` leaves the
-    allocator as it is. Returns whether it was set.
-    """
-    libc = _glibc()
-    if os.environ.get("SYNFOC_SYSTEM_MALLOC") or libc is None:
-        return False
-    # mallopt returns 1 on success; a trim threshold of -1 disables trimming (mallopt(3)).
-    return bool(libc.mallopt(_M_MMAP_MAX, 0) == 1 and libc.mallopt(_M_TRIM_THRESHOLD, -1) == 1)
-
-
-def release_freed_memory() -> None:
-    """Give the free memory kept by :func:`keep_freed_memory` back to the OS (glibc ``malloc_trim``).
-
-    Called at every checkpoint: with freed blocks kept, heap fragmentation lets the resident memory
-    creep up over many iterations; trimming now and then bounds that, at the cost of faulting pages in again once."""
-    libc = _glibc()
-    if libc is not None:
-        libc.malloc_trim(0)
-
-
-def make_runtime(cfg: TrainConfig) -> Runtime:
-    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    if cfg.device == "cuda" and not torch.cuda.is_available():
-        raise TrainingError("--device cuda was asked for, but no CUDA device is available")
-    use_cuda = cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
-    if use_cuda:
-        local = int(os.environ.get("LOCAL_RANK", 0))
-        torch.cuda.set_device(local)
-        device = torch.device("cuda", local)
-    else:
-        device = torch.device("cpu")
-    # bf16 on the CPU only where the CPU has bf16 arithmetic: elsewhere PyTorch runs bf16 on
-    # emulating or reference kernels, slower than fp32, so asking for it there is refused.
-    if cfg.precision == "fp32":
-        dtype = None
-    elif use_cuda or cpu_has_bf16():
-        dtype = torch.bfloat16
-    elif cfg.precision == "bf16":
-        raise TrainingError("--precision bf16: this CPU has no bf16 support (needs AVX512-BF16 or AMX); "
-                            "use --precision auto or fp32")
-    else:
-        dtype = None
-    if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if use_cuda else "gloo")
-    return Runtime(device, dtype, rank, world, keeps_freed_memory=not use_cuda and keep_freed_memory())
-
-
-def environment(rt: Runtime) -> dict:
-    """Where a run ran: CPU model and the flags that decide synfoc's kernels, GPU, torch, commit."""
-    import subprocess
-    from synfoc.cpu import cpu_flags, cpu_model
-    commit = None
-    with contextlib.suppress(OSError, subprocess.SubprocessError):
-        src = Path(__file__).resolve().parent
-        commit = subprocess.run(["git", "-C", str(src), "describe", "--always", "--dirty", "--abbrev=12"],
-                                capture_output=True, text=True, timeout=10).stdout.strip() or None
-    return {"cpu": cpu_model(), "cpu_flags": sorted(cpu_flags() & {"avx2", "fma", "avx512f", "avx512bw", "avx512_bf16",
-                                                     "amx_bf16", "avx_ne_convert"}),
-            "cores": os.cpu_count(), "threads": torch.get_num_threads(),
-            "gpu": torch.cuda.get_device_name(rt.device) if rt.device.type == "cuda" else None,
-            "torch": torch.__version__, "python": platform.python_version(), "synfoc_commit": commit,
-            "device": str(rt.device), "precision": "bf16" if rt.dtype else "fp32", "processes": rt.world}
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
-
-# ----------------------------------------------------------------------------- data
-@dataclass
-class Arrays:
-    """Cases held in memory as uint8, once per model input size."""
-
-    images: dict[int, torch.Tensor]   # size -> (N, C, S, S)
-    labels: dict[int, torch.Tensor]   # size -> (N, S, S)
-
-    def __len__(self) -> int:
-        return next(iter(self.labels.values())).shape[0]
-
-    def take(self, idx: torch.Tensor, size: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-        img = self.images[size][idx].to(device, non_blocking=True).float().div_(255)
-        return img, self.labels[size][idx].to(device, non_blocking=True).long()
-
-
-def load_arrays(index: DatasetIndex, cases, sizes: list[int], progress: bool) -> Arrays:
-    from synfoc.data import load_cases
-    loaded = load_cases(index, cases, sorted(set(sizes)), progress=progress)
-    return Arrays({s: a[0] for s, a in loaded.arrays.items()}, {s: a[1] for s, a in loaded.arrays.items()})
-
-
-def open_index(cfg: TrainConfig) -> DatasetIndex:
-    if cfg.dataset == "synthetic":
-        from synfoc.data.synthetic import SyntheticDataset
-        return SyntheticDataset(seed=0, train_per_domain=cfg.synthetic_train, test_per_domain=cfg.synthetic_test,
-                                num_classes=cfg.synthetic_classes)
-    from synfoc.data import open_dataset
-    return open_dataset(cfg.dataset, cfg.format)
-
-
-def epoch_order(n: int, batch: int, t: int, seed: int) -> torch.Tensor:
-    """Indices of iteration t's batch: shuffled epochs, each permutation a function of (seed, epoch),
-    so the data order is reproducible and a resumed run picks up exactly where it stopped."""
-    out = []
-    for k in range(t * batch, (t + 1) * batch):
-        epoch, pos = divmod(k, n)
-        perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
-        out.append(perm[pos])
-    return torch.stack(out)
-
-
-def make_views(cfg: TrainConfig, aug: AugmentConfig, labeled: Arrays, unlabeled: Arrays, t: int,
-               sizes: dict[str, int], rt: Runtime, seed: int) -> Views:
-    """Weak views of a labeled and an unlabeled batch, the strong view of the unlabeled one, and the
-    intermediate-sample boxes, at every model input size, drawn on the CPU generator of iteration t."""
-    g = torch.Generator().manual_seed(seed * 7_919 + t)
-    li = epoch_order(len(labeled), cfg.batch_labeled, t, seed)
-    ui = epoch_order(len(unlabeled), cfg.batch_unlabeled, t, seed + 1)
-    su, sf = sizes.get("unet"), sizes.get("foundation")
-    base = su or sf
-    grid_l = weak_grid(len(li), base, aug, g)
-    grid_u = weak_grid(len(ui), base, aug, g)
-    strong_params = draw_strong(len(ui), aug, g)
-    boxes = draw_boxes(min(len(li), len(ui)), aug, g)
-    v = {}
-    for key, size in (("u", su), ("f", sf)):
-        if size is None:
-            continue
-        x, y = warp(*labeled.take(li, size, rt.device), grid_l)
-        uw, uy = warp(*unlabeled.take(ui, size, rt.device), grid_u)
-        v[f"x_{key}"], v[f"y_{key}"] = x, y
-        v[f"uw_{key}"], v[f"us_{key}"] = uw, strong(uw, strong_params, aug)
-        v[f"box_{key}"] = box_mask(boxes, size, rt.device)
-        if size == base:
-            v["unlabeled_truth"] = uy
-    if su is None:  # foundation-only methods read the *_f fields; unet-only the *_u fields
-        v["x_u"], v["y_u"] = v["x_f"], v["y_f"]
-    return Views(**v)
-
-
-@torch.no_grad()
-def recalibrate_batchnorm(model: nn.Module, sources: list[Arrays], size: int, aug: AugmentConfig, rt: Runtime,
-                          seed: int, batch: int = 16, max_images: int = 512) -> int:
-    """Re-estimate BatchNorm's running statistics on weak views of the training images.
-
-    During training the U-Net's running statistics follow batches that are half labeled weak views
-    and half intermediate samples, whose strong views scale brightness and contrast by up to 20x;
-    test images are neither, so the running statistics used at evaluation match neither half.
-    Here they are reset and set to the plain average over weak views of (at most ``max_images``)
-    training images, labeled and unlabeled, as "precise BatchNorm" does. Returns the image count.
-    """
-    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-    if not norms:
-        return 0
-    g = torch.Generator().manual_seed(seed * 7_919 - 1)
-    total = sum(len(a) for a in sources)
-    keep = torch.randperm(total, generator=g)[:max_images].sort().values
-    was_training, momenta = model.training, [m.momentum for m in norms]
-    for m in norms:
-        m.reset_running_stats()
-        m.momentum = None  # cumulative average over the batches below
-    model.train()
-    offset, count = 0, 0
-    for arrays in sources:
-        idx = keep[(keep >= offset) & (keep < offset + len(arrays))] - offset
-        offset += len(arrays)
-        for chunk in idx.split(batch):
-            if len(chunk) < 2:  # a batch of one has no batch variance
-                continue
-            x, _ = warp(*arrays.take(chunk, size, rt.device), weak_grid(len(chunk), size, aug, g))
-            with rt.autocast():
-                model(x)
-            count += len(chunk)
-    for m, momentum in zip(norms, momenta):
-        m.momentum = momentum
-    model.train(was_training)
-    return count
-
-
-# ----------------------------------------------------------------------------- models
-def build_models(cfg: TrainConfig, index: DatasetIndex, rt: Runtime) -> dict[str, nn.Module]:
-    from synfoc.models import build_foundation_model, build_unet
-    models = {}
-    kinds = models_of(cfg.method)
-    if "unet" in kinds:
-        models["unet"] = build_unet(index.channels, index.num_classes, cfg.unet_width)
-    if "foundation" in kinds:
-        models["foundation"] = build_foundation_model(
-            cfg.foundation, index.num_classes, lora_rank=cfg.lora_rank, image_size=cfg.image_size,
-            checkpoint=cfg.checkpoint, grad_checkpointing=cfg.grad_checkpointing)
-    return fast_layout({k: m.to(rt.device) for k, m in models.items()}, rt)
-
-
-def fast_layout(models: dict[str, nn.Module], rt: Runtime) -> dict[str, nn.Module]:
-    """channels_last weights under bf16 autocast, where oneDNN/cuDNN convolutions prefer it
-    (CPU fast step, LiteMedSAM-256 + U-Net-256: 12.8 s -> 9.3 s per iteration)."""
-    if rt.dtype is not None:
-        for m in models.values():
-            m.to(memory_format=torch.channels_last)
-    return models
-
-
-def parameter_summary(models: dict[str, nn.Module]) -> str:
-    lines = []
-    for name, m in models.items():
-        total = sum(p.numel() for p in m.parameters())
-        trainable = sum(p.numel() for p in m.parameters() if p.requires_grad)
-        lines.append(f"  {name:<11} {total / 1e6:9.2f} M parameters, {trainable / 1e6:8.3f} M trainable")
-    return "\n".join(lines)
-
-
-def make_optimizers(cfg: TrainConfig, students: dict[str, nn.Module]) -> dict[str, torch.optim.Optimizer]:
-    """SGD for the U-Net and AdamW for the foundation model, as PyTorch's fused single-kernel
-    implementations (CPU and CUDA, the devices synfoc runs on): the same updates up to float
-    rounding, one pass over the parameters (U-Net width 64 on the 2-core Xeon: 65 ms -> 20 ms per
-    step, ``benchmarks/kernels.py``)."""
-    opts = {}
-    if "unet" in students:
-        opts["unet"] = torch.optim.SGD(students["unet"].parameters(), lr=cfg.lr_unet, momentum=cfg.momentum_unet,
-                                       weight_decay=cfg.weight_decay_unet, fused=True)
-    if "foundation" in students:
-        params = [p for p in students["foundation"].parameters() if p.requires_grad]
-        opts["foundation"] = torch.optim.AdamW(params, lr=cfg.lr_foundation, betas=(0.9, 0.999),
-                                               weight_decay=cfg.weight_decay_foundation, fused=True)
-    return opts
-
-
-def unwrap(m: nn.Module) -> nn.Module:
-    """The plain module inside torch.compile and DistributedDataParallel wrappers."""
-    m = getattr(m, "_orig_mod", m)
-    return m.module if isinstance(m, nn.parallel.DistributedDataParallel) else m
-
-
+# ----------------------------------------------------------------------------- helpers of the loop
 def quantiles(spread: dict[str, torch.Tensor]) -> dict[str, float]:
     """``NAME_p10``, ``NAME_p50``, ``NAME_p90`` of each per-instance log over a log window."""
     out = {}
@@ -325,150 +59,12 @@ def quantiles(spread: dict[str, torch.Tensor]) -> dict[str, float]:
     return out
 
 
-# ----------------------------------------------------------------------------- checkpoints
-def atomic_save(obj, path: Path) -> None:
-    """Write to a temporary file, then rename: a crash mid-write never destroys the last good file.
-
-    A failed write (disk full, quota, permissions) removes the partial temporary file and raises
-    :class:`TrainingError` naming the folder; the previous ``path`` is left as it was.
-    """
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    except (OSError, RuntimeError) as exc:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
-        kept = f"; the previous {path.name} is kept" if path.is_file() else ""
-        raise TrainingError(f"{write_failure(exc, tmp)}{kept}") from None
-
-
-def write_failure(exc: BaseException, path: Path) -> str:
-    """What went wrong writing ``path``. PyTorch's zip writer reports a full disk as a RuntimeError
-    ("enforce fail at inline_container.cc ... unexpected pos"), without errno: then the free space
-    of the folder decides."""
-    import errno
-    import shutil
-    if isinstance(exc, OSError):
-        if exc.errno == errno.ENOSPC:
-            return f"no space left on {path.parent} (writing {path.name})"
-        return os_error_message(exc if exc.filename else OSError(exc.errno, exc.strerror, str(path)))
-    with contextlib.suppress(OSError):
-        if shutil.disk_usage(path.parent).free < 64 * 2**20:
-            return f"no space left on {path.parent} (writing {path.name})"
-    first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-    return f"cannot write {path}: {first}"
-
-
-def trainable_state(m: nn.Module) -> dict[str, torch.Tensor]:
-    """Trainable parameters and buffers: all a student or teacher adds to its frozen base."""
-    m = unwrap(m)
-    state = {n: p.detach() for n, p in m.named_parameters() if p.requires_grad}
-    state.update({n: b for n, b in m.named_buffers()})
-    return state
-
-
-def teacher_state(student: nn.Module, teacher: nn.Module) -> dict[str, torch.Tensor]:
-    names = set(trainable_state(student))
-    return {n: t for n, t in unwrap(teacher).state_dict().items() if n in names}
-
-
-def save_student_weights(students: dict[str, nn.Module], out: Path, cfg: TrainConfig) -> None:
-    from safetensors import SafetensorError
-    from safetensors.torch import save_file
-    from synfoc.models.weights import save_trainable
-    for name, m in students.items():
-        m = unwrap(m)
-        target = out / f"{name}.safetensors"
-        tmp = out / f"{name}.safetensors.tmp"
-        try:
-            if name == "unet":
-                save_file({k: v.contiguous() for k, v in m.state_dict().items()}, str(tmp),
-                          metadata={"model": "unet", "width": str(cfg.unet_width)})
-            else:
-                save_trainable(m, tmp)
-            os.replace(tmp, target)
-        except (OSError, RuntimeError, SafetensorError) as exc:
-            with contextlib.suppress(OSError):
-                tmp.unlink()
-            raise TrainingError(f"{write_failure(exc, tmp)}; {CHECKPOINT} is kept: "
-                                f"free some space and run `synfoc train --resume {out}`") from None
-        ordinary_file_mode(target)
-
-
-def ordinary_file_mode(path: Path) -> None:
-    """The mode every other file of a run gets (0666 less the umask, usually 0644): safetensors
-    creates its files 0600, which other users of a shared run folder then cannot read."""
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(path, 0o666 & ~umask)
-
-
 def checkpoint_interval(cfg: TrainConfig) -> int:
     """Iterations between checkpoints: ``checkpoint_every``, else about 20 per run (at most 1000
     iterations apart); :data:`CHECKPOINT_SECONDS` of wall time also triggers one."""
     if cfg.checkpoint_every:
         return cfg.checkpoint_every
     return max(1, min(1000, math.ceil(cfg.iters / 20)))
-
-
-def load_checkpoint(path: Path, device, run: Path) -> dict:
-    """The state saved by training, loaded with the safe loader; a missing, truncated, foreign
-    or unsafe file stops with a message (nothing in the run folder is changed)."""
-    if not path.is_file():
-        raise TrainingError(f"nothing to resume in {run}: {CHECKPOINT} not found")
-    fresh = (f"The run cannot continue from it; start it again with "
-             f"`synfoc train --config {run / 'config.yaml'} --out NEW_FOLDER`.")
-    try:
-        state = torch.load(path, map_location=device, weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - any failure to read it means it cannot be used
-        reason = torch_load_reason(str(exc)) or (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        raise TrainingError(f"cannot resume from {path}: {reason}. {fresh}") from None
-    if not isinstance(state, dict) or not {"step", "students", "teachers", "optimizers"} <= set(state):
-        raise TrainingError(f"cannot resume from {path}: not a synfoc training checkpoint. {fresh}")
-    return state
-
-
-def trim_history(path: Path, step: int, elapsed: float | None) -> float:
-    """Drop the rows of ``history.jsonl`` after ``step`` (iterations after the checkpoint are done
-    again) and return the training time at ``step``: ``elapsed`` when the checkpoint has it, else
-    the time column of the row at ``step``."""
-    if not path.is_file():
-        return float(elapsed or 0.0)
-    kept, at_step = [], None
-    for line in path.read_text().splitlines():
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            continue  # a row cut by a kill mid-write
-        if row.get("step", 0) <= step:
-            kept.append(line)
-            if row.get("step") == step:
-                at_step = row.get("time")
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(line + "\n" for line in kept))
-    os.replace(tmp, path)
-    return float(elapsed if elapsed is not None else (at_step or 0.0))
-
-
-def check_same_split(run: Path, dataset: str, labeled, unlabeled) -> None:
-    """A resumed run must see the training cases it started with (``labeled.txt``,
-    ``unlabeled.txt``), by name: moved data is fine, other data is refused."""
-    for name, cases in (("labeled.txt", labeled), ("unlabeled.txt", unlabeled)):
-        path = run / name
-        if not path.is_file():
-            continue
-        before = [line for line in path.read_text().splitlines() if line]
-        now = [f"{c.domain}/{c.name}" for c in cases]
-        if before != now:
-            missing = [n for n in before if n not in set(now)]
-            extra = [n for n in now if n not in set(before)]
-            detail = ", ".join(filter(None, [
-                f"{len(missing)} of its cases missing (e.g. {', '.join(missing[:3])})" if missing else "",
-                f"{len(extra)} other cases (e.g. {', '.join(extra[:3])})" if extra else "",
-                "the same cases in another order" if not missing and not extra else ""]))
-            raise TrainingError(f"the dataset {dataset} does not hold the training cases of {path}: {detail}. "
-                                "Point --dataset at the data this run was trained on.")
 
 
 def problem_listing(head: str, problems) -> str:
@@ -562,7 +158,9 @@ def train(cfg: TrainConfig, out: Path, resume: bool = False, progress: bool = Tr
         check_same_split(out, cfg.dataset, labeled_cases, unlabeled_cases)
 
     kinds = models_of(cfg.method)
-    models = build_models(cfg, index, rt)
+    cfg = with_image_size(cfg)   # config.yaml names the foundation input size trained at
+    models = fast_layout({k: m.to(rt.device) for k, m in build_students(cfg, index).items()}, rt)
+    models = {k: accelerate(m, rt.device) for k, m in models.items()}  # synfoc.accel's kernels for this CPU
     sizes = {"unet": cfg.unet_size} if "unet" in kinds else {}
     if "foundation" in kinds:
         sizes["foundation"] = models["foundation"].image_size
@@ -591,13 +189,7 @@ def train(cfg: TrainConfig, out: Path, resume: bool = False, progress: bool = Tr
     if cfg.compile:  # compile after DDP wrapping, as torch.distributed recommends
         students = {k: torch.compile(m) for k, m in students.items()}
     optimizers = make_optimizers(cfg, {k: unwrap(m) for k, m in students.items()})
-    parts = [values for _, values in index.report_parts]
-    if cfg.method == "synfoc":
-        method = SynFoC(students["unet"], students["foundation"], teachers["unet"], teachers["foundation"],
-                        parts, cfg.threshold, cfg.alpha, cfg.consistency)
-    else:
-        k = kinds[0]
-        method = SingleModel(cfg.method, students[k], teachers[k], cfg.threshold)
+    method = build_method(cfg, students, teachers, [values for _, values in index.report_parts])
     aug = AugmentConfig(brightness=tuple(cfg.brightness), contrast=tuple(cfg.contrast))
 
     start, elapsed = 0, 0.0

@@ -211,16 +211,15 @@ def test_bf16_steps_run_on_onednn_capped_to_avx2():
 def test_cpu_precision_follows_the_cpu_flags(flags, precision, dtype, monkeypatch):
     """--precision auto picks bf16 exactly on CPUs with AVX512-BF16 or AMX; --precision bf16
     elsewhere is refused with one message that says what is missing and what to use instead."""
-    from synfoc import train
+    from synfoc import runtime
     from synfoc.config import TrainConfig
 
     monkeypatch.setattr(cpu, "cpu_flags", lambda: frozenset(flags))
-    monkeypatch.setattr(train, "keep_freed_memory", lambda: False)  # process-wide allocator setting
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     cfg = TrainConfig(device="cpu", precision=precision)
     if dtype == "error":
-        with pytest.raises(train.TrainingError, match=r"^--precision bf16: this CPU has no bf16 support "
+        with pytest.raises(runtime.TrainingError, match=r"^--precision bf16: this CPU has no bf16 support "
                                                       r"\(needs AVX512-BF16 or AMX\); use --precision auto or fp32$"):
-            train.make_runtime(cfg)
+            runtime.make_runtime(cfg)
     else:
-        assert train.make_runtime(cfg).dtype == dtype
+        assert runtime.make_runtime(cfg).dtype == dtype

@@ -1,4 +1,6 @@
-"""The equations of the SynFoC step, each against an independent (numpy or loop) computation."""
+"""The methods: the equations of the SynFoC step, each against an independent (numpy or loop)
+computation; its alpha and consistency options as the paper's ablations (Tables 7-8) define them;
+per-half BatchNorm; and every registered baseline building and stepping."""
 
 import copy
 import math
@@ -6,15 +8,21 @@ import math
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from synfoc.augment import (AugmentConfig, box_mask, draw_boxes, draw_strong, intermediate_sample, strong,
-                            warp, weak_grid)
+import synfoc.method.synfoc as synfoc_module
+
+from synfoc.augment import AugmentConfig, box_mask, draw_boxes, intermediate_sample
+from synfoc.build import build_method
+from synfoc.config import TrainConfig
 from synfoc.method.ema import ema_decay, ema_update, make_teacher
 from synfoc.method.losses import ce_dice_loss, dice_loss, divergence_mse, entropy_on_consensus, part_dice
+from synfoc.method.norm import batchnorm_per_part
+from synfoc.method.registry import CONSISTENCIES, METHODS
 from synfoc.method.synfoc import (SynFoC, Views, consensus_mask, ensemble, labels_of, pseudo_label,
                                   ramp_weight)
-from synfoc.models.unet import BatchNorm2d, build_unet, independent_batches
+from synfoc.models.unet import build_unet
 
 
 def rng_probs(b=2, c=3, h=8, w=8, seed=0):
@@ -165,37 +173,25 @@ def test_teacher_shares_frozen_parameters():
     assert teacher[1].weight is not student[1].weight
 
 
-def test_augmentation_geometry_is_shared_between_resolutions():
-    g = torch.Generator().manual_seed(0)
-    grid = weak_grid(3, 32, AugmentConfig(p=1.0), g)
-    lab = torch.zeros(3, 64, 64, dtype=torch.long)
-    lab[:, 16:48, 20:40] = 1
-    img = lab[:, None].float()
-    small_img, small_lab = warp(img[..., ::2, ::2].contiguous(), lab[:, ::2, ::2].contiguous(), grid)
-    big_img, big_lab = warp(img, lab, grid)
-    # the same transform at two sizes: the big warped label, downsampled, matches the small one
-    agree = (big_lab[:, ::2, ::2] == small_lab).float().mean()
-    assert agree > 0.97
-    assert set(big_lab.unique().tolist()) <= {0, 1}  # nearest: no new label values
+def plain_batchnorm(model: nn.Module) -> nn.Module:
+    """``model`` with every BatchNorm layer a plain ``nn.BatchNorm2d`` (state kept)."""
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.__class__ = nn.BatchNorm2d
+    return model
 
 
-def test_strong_view_photometric_only():
-    g = torch.Generator().manual_seed(0)
-    cfg = AugmentConfig()
-    x = torch.rand(2, 1, 32, 32)
-    params = draw_strong(2, cfg, g)
-    y = strong(x, params, cfg)
-    assert y.shape == x.shape and y.min() >= 0 and y.max() <= 1
-    assert torch.all((params.brightness >= 0.1) & (params.brightness <= 2.0))
-
-
+@pytest.mark.parametrize("norm", ["synfoc", "torch.nn"])
 @pytest.mark.parametrize("low", [False, True], ids=["fp32", "bf16-channels-last"])
-def test_independent_batches_equal_separate_forwards(low):
+def test_batchnorm_per_part_equals_separate_forwards(low, norm):
     """One U-Net forward of cat([a, b]) with per-half BatchNorm = the forwards of a and of b:
     outputs, parameter gradients and running statistics (SynFoC's students see X_w and U_c so),
-    also under CPU bf16 autocast with channels-last weights, as in training."""
+    also under CPU bf16 autocast with channels-last weights, as in training; for the U-Net's own
+    BatchNorm class and for plain ``torch.nn.BatchNorm2d`` alike."""
     torch.manual_seed(0)
     separate = build_unet(1, 2, 4).train()
+    if norm == "torch.nn":
+        separate = plain_batchnorm(separate)
     if low:
         separate = separate.to(memory_format=torch.channels_last)
     joint = copy.deepcopy(separate)
@@ -205,7 +201,7 @@ def test_independent_batches_equal_separate_forwards(low):
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=low):
         out_separate = torch.cat([separate(a), separate(b)]).float()
     (out_separate * weights).sum().backward()
-    with independent_batches(joint, 2), torch.autocast("cpu", dtype=torch.bfloat16, enabled=low):
+    with batchnorm_per_part(joint, 2), torch.autocast("cpu", dtype=torch.bfloat16, enabled=low):
         out_joint = joint(torch.cat([a, b])).float()
     (out_joint * weights).sum().backward()
 
@@ -217,11 +213,11 @@ def test_independent_batches_equal_separate_forwards(low):
             torch.testing.assert_close(q.grad, p.grad, rtol=1e-4, atol=1e-5 * p.grad.abs().max().item(), msg=name)
     for (name, x), y in zip(separate.named_buffers(), joint.buffers()):
         torch.testing.assert_close(y, x, rtol=1e-5, atol=1e-6, msg=name)
-    assert all(m.groups == 1 for m in joint.modules() if isinstance(m, BatchNorm2d))  # the context reset them
+    assert not any("forward" in vars(m) for m in joint.modules())  # the context restored every layer
     # The same forward without the split mixes the halves' statistics: a different function.
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=low):
         assert not torch.allclose(joint(torch.cat([a, b])).float(), out_separate, atol=1e-1)
-    with independent_batches(joint, 2), pytest.raises(ValueError, match="batch of 3 cannot be split into 2"):
+    with batchnorm_per_part(joint, 2), pytest.raises(ValueError, match="batch of 3 cannot be split into 2"):
         joint(torch.randn(3, 1, 32, 32))
 
 
@@ -280,7 +276,7 @@ def test_self_confidence_is_the_student_before_its_update_and_leaves_batchnorm_a
     _, logs = SynFoC(unet, fm, teacher, make_teacher(fm), [(1,)]).step(v, 50, 100)
 
     expected = copy.deepcopy(before)
-    with independent_batches(expected, 2):
+    with batchnorm_per_part(expected, 2):
         expected(torch.cat([v.x_u, intermediate_sample(v.x_u, v.us_u, v.box_u)]))
     for (name, x), y in zip(expected.named_buffers(), unet.buffers()):
         if "running" in name:
@@ -291,3 +287,201 @@ def test_self_confidence_is_the_student_before_its_update_and_leaves_batchnorm_a
     self_conf = part_dice(q_student, q_teacher, [(1,)]).mean().item()
     assert 0 < self_conf < 0.999
     assert logs["self_confidence"].item() == pytest.approx(self_conf, rel=1e-6)
+
+
+@pytest.mark.parametrize("method", list(METHODS))
+def test_every_registered_method_builds_and_trains_its_students(method):
+    """Each name of the registry has a class that builds from a config and whose step gives a
+    finite loss with a gradient in every student it trains."""
+    torch.manual_seed(0)
+    students = {kind: TinySeg(1) for kind in METHODS[method].students}
+    teachers = {kind: make_teacher(m) for kind, m in students.items()}
+    step = build_method(TrainConfig(method=method), students, teachers, [(1,)])
+    loss, logs = step.step(tiny_views(), 50, 100)
+    loss.backward()
+    assert torch.isfinite(loss) and logs["loss"] == loss.detach()
+    assert all(m.conv.weight.grad.abs().sum() > 0 for m in students.values())
+
+
+def test_samed_weights_its_loss_terms_and_suponly_does_not():
+    student = TinySeg(1)
+    v = tiny_views()
+    logits = student(v.x_f)
+    losses = {name: build_method(TrainConfig(method=name), {"foundation": student}, {"foundation": None},
+                                 [(1,)]).step(v, 0, 1)[0] for name in ("suponly-foundation", "samed")}
+    torch.testing.assert_close(losses["suponly-foundation"], ce_dice_loss(logits, v.y_f))
+    torch.testing.assert_close(losses["samed"], ce_dice_loss(logits, v.y_f, ce_weight=0.2, dice_weight=0.8))
+
+
+# ----------------------------------------------------------------------------- alpha and consistency options
+# (Tables 7-8): "pattern models" whose predictions we choose, so every expected pseudo-label and
+# alpha is computed here independently of the code under test.
+class PatternModel(nn.Module):
+    """Logits ``scale * (2 onehot(pattern) - 1)`` whatever the input (pattern repeated over the
+    batch): a segmentation model whose prediction the test chooses. ``gain`` makes it trainable."""
+
+    def __init__(self, pattern: torch.Tensor, scale: float) -> None:
+        super().__init__()
+        self.register_buffer("pattern", pattern.long())
+        self.gain = nn.Parameter(torch.tensor(1.0))
+        self.scale = scale
+        self.image_size = 16
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        reps = x.shape[0] // self.pattern.shape[0]
+        onehot = F.one_hot(self.pattern.repeat(reps, 1, 1), 2).permute(0, 3, 1, 2).float()
+        return self.gain * self.scale * (2 * onehot - 1)
+
+
+def blank_views(batch: int = 2, size: int = 16) -> Views:
+    """Views with an empty intermediate-sample box, so Q_c is the ensemble pseudo-label everywhere."""
+    x = torch.rand(batch, 1, size, size, generator=torch.Generator().manual_seed(0))
+    y = torch.zeros(batch, size, size, dtype=torch.long)
+    box = torch.zeros(batch, size, size, dtype=torch.bool)
+    return Views(x_u=x, y_u=y, x_f=x, y_f=y, uw_u=x, us_u=x, uw_f=x, us_f=x, box_u=box, box_f=box)
+
+
+def masks(*rects: tuple[int, int, int, int], size: int = 16) -> torch.Tensor:
+    """One label map per (row0, row1, col0, col1) rectangle of class 1 (an empty one: (0,0,0,0))."""
+    out = torch.zeros(len(rects), size, size, dtype=torch.long)
+    for i, (r0, r1, c0, c1) in enumerate(rects):
+        out[i, r0:r1, c0:c1] = 1
+    return out
+
+
+def instance_dice(a: torch.Tensor, b: torch.Tensor) -> list[float]:
+    """Eqs. 4-5 for one foreground class: (2|A∩B| + 1) / (|A| + |B| + 1.001), 1 when both empty."""
+    out = []
+    for ai, bi in zip(a.bool(), b.bool()):
+        inter, size = (ai & bi).sum().item(), ai.sum().item() + bi.sum().item()
+        out.append(1.0 if size == 0 else (2 * inter + 1) / (size + 1.001))
+    return out
+
+
+@pytest.fixture
+def unsupervised_targets(monkeypatch):
+    """Record the (logits, target, weight) of every masked L_u term of a SynFoC step."""
+    calls = []
+    real = synfoc_module.ce_dice_loss
+
+    def spy(logits, target, weight=None, **kw):
+        if weight is not None:
+            calls.append((logits.detach().clone(), target.clone(), weight.clone()))
+        return real(logits, target, weight, **kw)
+
+    monkeypatch.setattr(synfoc_module, "ce_dice_loss", spy)
+    return calls
+
+
+def target_of(calls, student: nn.Module, batch: int):
+    """(Q_c, W_c) of the L_u term whose logits are this student's prediction."""
+    expected = student(torch.zeros(batch, 1, 1, 1)).detach()
+    hits = [(t, w) for logits, t, w in calls if torch.equal(logits, expected)]
+    assert len(hits) == 1
+    return hits[0]
+
+
+# UT teacher B, UT student A, MS teacher C: self = Dice(A, B) and mutual = Dice(C, B) differ per
+# instance, and their product differs from both.
+TEACHER_UT = masks((0, 16, 0, 8), (0, 8, 0, 8))
+STUDENT_UT = masks((0, 16, 0, 4), (0, 8, 0, 16))
+TEACHER_MS = masks((0, 16, 0, 12), (0, 0, 0, 0))
+STUDENT_MS = masks((4, 12, 4, 12), (8, 16, 0, 16))
+SELF = instance_dice(STUDENT_UT, TEACHER_UT)
+MUTUAL = instance_dice(TEACHER_MS, TEACHER_UT)
+T, TOTAL = 1, 4
+
+
+def make_synfoc(alpha: str, consistency: str = "cdcr") -> tuple[SynFoC, nn.Module, nn.Module]:
+    unet, fm = PatternModel(STUDENT_UT, 3.0), PatternModel(STUDENT_MS, 3.0)
+    model = SynFoC(unet, fm, PatternModel(TEACHER_UT, 10.0), PatternModel(TEACHER_MS, 10.0), [(1,)],
+                   alpha=alpha, consistency=consistency)
+    return model, unet, fm
+
+
+@pytest.mark.parametrize("strategy", ["smc", "self", "mutual", "constant", "linear"])
+def test_alpha_strategy_sets_the_ensemble_weight(strategy, unsupervised_targets):
+    expected_alpha = {"smc": [s * m for s, m in zip(SELF, MUTUAL)], "self": SELF, "mutual": MUTUAL,
+                      "constant": [0.5, 0.5], "linear": [T / TOTAL] * 2}[strategy]
+    assert len({round(sum(v) / 2, 6) for v in ([s * m for s, m in zip(SELF, MUTUAL)], SELF, MUTUAL)}) == 3
+    model, unet, _ = make_synfoc(strategy, "none")
+    _, logs = model.step(blank_views(), T, TOTAL)
+    assert logs["self_confidence"].item() == pytest.approx(sum(SELF) / 2, rel=1e-6)
+    assert logs["mutual_confidence"].item() == pytest.approx(sum(MUTUAL) / 2, rel=1e-6)
+    assert logs["alpha"].item() == pytest.approx(sum(expected_alpha) / 2, rel=1e-6)
+    # Eq. 3 with this alpha, per instance: the U-Net's target and confidence mask.
+    p_ut = torch.softmax(PatternModel(TEACHER_UT, 10.0)(torch.zeros(2, 1, 1, 1)), dim=1)
+    p_ms = torch.softmax(PatternModel(TEACHER_MS, 10.0)(torch.zeros(2, 1, 1, 1)), dim=1)
+    a = torch.tensor(expected_alpha).view(2, 1, 1, 1)
+    p_en = a * p_ut + (1 - a) * p_ms
+    confident = p_en.max(dim=1).values > 0.95
+    target, weight = target_of(unsupervised_targets, unet, 2)
+    assert torch.equal(weight, confident)
+    assert torch.equal(target[confident], p_en.argmax(dim=1)[confident])
+    # the per-instance distribution, and what fraction of confident pixels is foreground
+    assert logs["alpha@instances"].tolist() == pytest.approx(expected_alpha, rel=1e-6)
+    q = p_en.argmax(dim=1)
+    assert logs["confident_foreground"].item() == pytest.approx(
+        ((q > 0) & confident).sum().item() / max(1, confident.sum().item()), rel=1e-6)
+    # TEACHER_MS's second instance is empty but TEACHER_UT's is not: no instance has both empty
+    assert logs["teachers_both_empty"].item() == 0
+
+
+def test_both_teachers_empty_gives_alpha_one_and_is_logged():
+    """Dice(empty, empty) = 1 (the reference's rule): SMC's alpha is 1 where both teachers see no
+    foreground, and the log says how often that happened."""
+    empty = masks((0, 0, 0, 0), (0, 0, 0, 0))
+    unet = PatternModel(empty, 3.0)
+    model = SynFoC(unet, PatternModel(STUDENT_MS, 3.0), PatternModel(empty, 10.0),
+                   PatternModel(masks((0, 0, 0, 0), (0, 8, 0, 8)), 10.0), [(1,)], alpha="smc", consistency="none")
+    _, logs = model.step(blank_views(), T, TOTAL)
+    assert logs["alpha@instances"].tolist() == pytest.approx([1.0, instance_dice(empty[1:], masks((0, 8, 0, 8)))[0]])
+    assert logs["teachers_both_empty"].item() == 0.5
+
+
+def test_cps_each_model_learns_only_from_the_others_pseudo_label(unsupervised_targets):
+    # U-Net teacher says "lesion" everywhere, MS teacher "background" everywhere; both confident.
+    ones, zeros = torch.ones(2, 16, 16, dtype=torch.long), torch.zeros(2, 16, 16, dtype=torch.long)
+    unet, fm = PatternModel(STUDENT_UT, 3.0), PatternModel(STUDENT_MS, 3.0)
+    model = SynFoC(unet, fm, PatternModel(ones, 10.0), PatternModel(zeros, 10.0), [(1,)], alpha="cps")
+    _, logs = model.step(blank_views(), T, TOTAL)
+    assert logs["alpha"].item() == 0
+    target_ut, weight_ut = target_of(unsupervised_targets, unet, 2)
+    target_ms, weight_ms = target_of(unsupervised_targets, fm, 2)
+    assert torch.all(target_ut == 0), "the U-Net must learn from MedSAM's pseudo-label"
+    assert torch.all(target_ms == 1), "MedSAM must learn from the U-Net's pseudo-label"
+    assert torch.all(weight_ut) and torch.all(weight_ms)
+
+
+def _student_probs() -> tuple[torch.Tensor, torch.Tensor]:
+    probs = [torch.softmax(PatternModel(p, 3.0)(torch.zeros(2, 1, 1, 1)), dim=1) for p in (STUDENT_UT, STUDENT_MS)]
+    return probs[0], probs[1]
+
+
+@pytest.mark.parametrize("consistency", CONSISTENCIES)
+def test_consistency_terms(consistency):
+    model, _, _ = make_synfoc("smc", consistency)
+    _, logs = model.step(blank_views(), T, TOTAL)
+    p_ut, p_ms = _student_probs()
+    if consistency == "none":
+        assert logs["loss_c"].item() == 0 and logs["loss_d"].item() == 0
+        return
+    if consistency == "cr":   # plain MSE between the students everywhere, no entropy term
+        assert logs["loss_c"].item() == 0
+        assert logs["loss_d"].item() == pytest.approx(((p_ut - p_ms) ** 2).mean().item(), rel=1e-5)
+        return
+    agree = (STUDENT_UT == STUDENT_MS).unsqueeze(1).float()       # Eq. 8 from the chosen patterns
+    assert 0 < agree.mean() < 1
+    entropy = lambda p: -(p * torch.log(p))                        # noqa: E731
+    expected_c = 0.5 * ((entropy(p_ut) * agree).mean() + (entropy(p_ms) * agree).mean())
+    expected_d = (((p_ms - p_ut) ** 2) * (1 - agree)).mean()
+    assert logs["loss_c"].item() == pytest.approx(expected_c.item(), rel=1e-5) and expected_c > 0
+    assert logs["loss_d"].item() == pytest.approx(expected_d.item(), rel=1e-5) and expected_d > 0
+
+
+def test_synfoc_options_reach_the_step_from_the_config():
+    students = {"unet": TinySeg(1), "foundation": TinySeg(1)}
+    teachers = {k: make_teacher(m) for k, m in students.items()}
+    step = build_method(TrainConfig(alpha="cps", consistency="cr", threshold=0.9), students, teachers, [(1,)])
+    assert (step.alpha_strategy, step.consistency, step.threshold) == ("cps", "cr", 0.9)
+    assert step.unet is students["unet"] and step.teacher_foundation is teachers["foundation"]

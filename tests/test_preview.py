@@ -13,7 +13,7 @@ from PIL import Image
 
 from synfoc.config import resolve
 from synfoc.preview import preview_png
-from synfoc.train import open_index
+from synfoc.data.source import open_index
 
 
 def test_preview_draws_every_case_at_both_sizes():
@@ -32,15 +32,15 @@ def test_preview_draws_every_case_at_both_sizes():
 
 def test_preview_is_the_first_training_batch(monkeypatch):
     """The preview calls the training code's make_views with the run's seed at iteration 0."""
-    import synfoc.train as train
+    import synfoc.views as views
     seen = {}
-    real = train.make_views
+    real = views.make_views
 
     def spy(cfg, aug, labeled, unlabeled, t, sizes, rt, seed):
         seen.update(t=t, seed=seed, sizes=dict(sizes), batch=(cfg.batch_labeled, cfg.batch_unlabeled))
         return real(cfg, aug, labeled, unlabeled, t, sizes, rt, seed)
 
-    monkeypatch.setattr(train, "make_views", spy)
+    monkeypatch.setattr(views, "make_views", spy)
     cfg = resolve("demo", overrides={"synthetic_train": 6, "synthetic_test": 1, "labeled_num": 3, "seed": 7})
     preview_png(cfg, open_index(cfg), cases=3)
     assert seen == {"t": 0, "seed": 7, "sizes": {"unet": 128, "foundation": 64}, "batch": (3, 3)}

@@ -1,4 +1,5 @@
-"""End to end: a tiny SynFoC run, resume after SIGKILL, and the command line's user errors."""
+"""End to end: a tiny SynFoC run and one run of every baseline, resume after SIGKILL, the command
+line's user errors, the optimizers, the allocator and BatchNorm recalibration."""
 
 import json
 import os
@@ -11,6 +12,7 @@ import torch
 from safetensors.torch import load_file
 
 from synfoc.cli import main
+from synfoc.method.registry import METHODS
 
 TINY = ["--unet-size", "32", "--unet-width", "4", "--image-size", "64", "--batch-labeled", "2",
         "--batch-unlabeled", "2", "--labeled-num", "2", "--no-progress", "--device", "cpu"]
@@ -55,6 +57,26 @@ def test_end_to_end_tiny_synfoc(tmp_path):
     env = json.loads((out / "environment.jsonl").read_text().splitlines()[0])
     assert env["torch"] == torch.__version__ and env["device"] == "cpu" and env["resumed"] is False
     assert (out / "labeled.txt").read_text().split() == ["siteA/siteA_train_000", "siteA/siteA_train_001"]
+
+
+@pytest.mark.parametrize("method", [m for m in METHODS if m != "synfoc"])   # synfoc: the test above
+def test_baseline_trains_end_to_end_and_writes_its_summary(method, tmp_path):
+    from synfoc.config import TrainConfig
+    from synfoc.train import train
+    # LiteMedSAM works from 32 pixels up (a multiple of 4); 32 keeps each run to a few seconds.
+    cfg = TrainConfig(dataset="synthetic", synthetic_train=6, synthetic_test=2, labeled_domain="siteA",
+                      labeled_num=2, batch_labeled=2, batch_unlabeled=2, method=method, image_size=32, unet_size=32,
+                      unet_width=4, iters=2, log_every=1, checkpoint_every=1, device="cpu", precision="fp32")
+    torch.set_num_threads(1)
+    summary = train(cfg, tmp_path, progress=False)
+    on_disk = json.loads((tmp_path / "summary.json").read_text())
+    assert on_disk == summary and on_disk["method"] == method and on_disk["iterations"] == 2
+    assert tuple(on_disk["students"]) == METHODS[method].students
+    for res in on_disk["students"].values():
+        assert set(res["per_domain"]) == {"siteA", "siteB", "siteC"}   # every domain's test set
+        assert 0 <= res["mean"]["dice"] <= 1
+    history = [json.loads(line) for line in (tmp_path / "history.jsonl").read_text().splitlines()]
+    assert [h["step"] for h in history] == [1, 2] and all(torch.isfinite(torch.tensor(h["loss"])) for h in history)
 
 
 def test_resume_after_sigkill_matches_uninterrupted(tmp_path):
@@ -124,7 +146,7 @@ def test_fused_optimizers_update_like_the_plain_ones():
 
     from synfoc.config import TrainConfig
     from synfoc.models import build_unet
-    from synfoc.train import make_optimizers
+    from synfoc.build import make_optimizers
 
     cfg = TrainConfig()
     torch.manual_seed(0)
@@ -153,7 +175,7 @@ def test_fused_optimizers_update_like_the_plain_ones():
 
 _FAULTS_AFTER_REUSE = """
 import resource, sys, torch
-from synfoc.train import keep_freed_memory, release_freed_memory
+from synfoc.runtime import keep_freed_memory, release_freed_memory
 def resident():
     return int(open("/proc/self/statm").read().split()[1]) * 4096
 print(keep_freed_memory(), end=" ")
@@ -192,7 +214,8 @@ def test_batchnorm_recalibration_is_the_average_over_training_views():
     training images (an independent forward of the first convolution), whatever it was before."""
     from synfoc.augment import AugmentConfig
     from synfoc.models import build_unet
-    from synfoc.train import Arrays, Runtime, recalibrate_batchnorm
+    from synfoc.runtime import Runtime
+    from synfoc.views import Arrays, recalibrate_batchnorm
 
     torch.manual_seed(0)
     net = build_unet(1, 2, 4)

@@ -7,8 +7,6 @@ Everything stays on the device: no host synchronisation happens inside :meth:`Sy
 from __future__ import annotations
 
 import math
-from contextlib import contextmanager
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -16,29 +14,9 @@ from torch import nn
 
 from synfoc.augment import intermediate_sample
 from synfoc.method.losses import ce_dice_loss, divergence_mse, entropy_on_consensus, part_dice
-from synfoc.models.unet import independent_batches
-
-ALPHA_STRATEGIES = ("smc", "self", "mutual", "constant", "linear", "cps")
-CONSISTENCIES = ("cdcr", "cr", "none")
-
-
-@dataclass
-class Views:
-    """One iteration's inputs on the device. ``*_u`` at the U-Net input size, ``*_f`` at the
-    foundation input size; labels are long (B, H, W). ``box`` is the intermediate-sample mask M at
-    each size. ``unlabeled_truth`` (hidden labels of U_w) is only used for monitoring."""
-
-    x_u: torch.Tensor
-    y_u: torch.Tensor
-    x_f: torch.Tensor | None = None
-    y_f: torch.Tensor | None = None
-    uw_u: torch.Tensor | None = None
-    us_u: torch.Tensor | None = None
-    uw_f: torch.Tensor | None = None
-    us_f: torch.Tensor | None = None
-    box_u: torch.Tensor | None = None
-    box_f: torch.Tensor | None = None
-    unlabeled_truth: torch.Tensor | None = None
+from synfoc.method.norm import batchnorm_per_part, frozen_batchnorm_stats
+from synfoc.method.registry import ALPHA_STRATEGIES, CONSISTENCIES
+from synfoc.views import Views
 
 
 def ramp_weight(t: int, total: int) -> float:
@@ -93,20 +71,6 @@ def consensus_mask(p_ut: torch.Tensor, p_ms: torch.Tensor) -> torch.Tensor:
     return labels_of(p_ut) == labels_of(p_ms)
 
 
-@contextmanager
-def frozen_batchnorm_stats(model: nn.Module):
-    """Run a model in train mode (batch statistics) without moving its running statistics."""
-    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-    saved = [m.momentum for m in bns]
-    for m in bns:
-        m.momentum = 0.0
-    try:
-        yield
-    finally:
-        for m, mom in zip(bns, saved):
-            m.momentum = mom
-
-
 def probs_of(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return torch.softmax(model(x).float(), dim=1)
 
@@ -134,6 +98,11 @@ class SynFoC(nn.Module):
         self.teacher_unet, self.teacher_foundation = teacher_unet, teacher_foundation
         self.parts, self.threshold = parts, threshold
         self.alpha_strategy, self.consistency = alpha, consistency
+
+    @classmethod
+    def build(cls, cfg, students: dict[str, nn.Module], teachers: dict[str, nn.Module], parts) -> "SynFoC":
+        return cls(students["unet"], students["foundation"], teachers["unet"], teachers["foundation"], parts,
+                   cfg.threshold, cfg.alpha, cfg.consistency)
 
     def alpha(self, self_conf: torch.Tensor, mutual_conf: torch.Tensor, t: int, total: int):
         """Ensemble weights (alpha for the UT target, alpha for the MS target), each (B,1,1,1)."""
@@ -168,11 +137,11 @@ class SynFoC(nn.Module):
         u_c_f = intermediate_sample(v.x_f, v.us_f, v.box_f)
 
         # 3. Students, each on X_w and U_c in one batch. MS's trainable parts have no BatchNorm; the
-        #    U-Net's BatchNorm normalises each half with its own statistics, so the batched forward
-        #    is the paper's two separate forwards (only the convolutions are batched).
+        #    U-Net's BatchNorm layers normalise each half with its own statistics, so the batched
+        #    forward is the paper's two separate forwards (only the convolutions are batched).
         logits_ms = self.foundation(torch.cat([v.x_f, u_c_f]))
         logits_ms_x, logits_ms_c = logits_ms[:b], logits_ms[b:]
-        with independent_batches(self.unet, 2):
+        with batchnorm_per_part(self.unet, 2):
             logits_ut = self.unet(torch.cat([v.x_u, u_c_u]))
         logits_ut_x, logits_ut_c = logits_ut[:b], logits_ut[b:]
 

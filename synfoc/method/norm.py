@@ -1,0 +1,56 @@
+"""BatchNorm during a training step: the two things a step asks of it beyond a plain forward.
+
+Both act on any ``torch.nn`` BatchNorm layer, so a model needs no special normalisation class.
+"""
+
+from __future__ import annotations
+
+import functools
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+
+
+def _batchnorms(model: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
+    return [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+
+
+@contextmanager
+def frozen_batchnorm_stats(model: nn.Module):
+    """Run a model in train mode (batch statistics) without moving its running statistics."""
+    bns = _batchnorms(model)
+    saved = [m.momentum for m in bns]
+    for m in bns:
+        m.momentum = 0.0
+    try:
+        yield
+    finally:
+        for m, mom in zip(bns, saved):
+            m.momentum = mom
+
+
+def _forward_per_part(layer: nn.Module, forward, parts: int, x: torch.Tensor) -> torch.Tensor:
+    if not layer.training or parts == 1:
+        return forward(layer, x)
+    if x.shape[0] % parts:
+        raise ValueError(f"a batch of {x.shape[0]} cannot be split into {parts} equal batches")
+    return torch.cat([forward(layer, part) for part in x.chunk(parts)])
+
+
+@contextmanager
+def batchnorm_per_part(model: nn.Module, parts: int):
+    """Within the block, every BatchNorm layer of ``model`` in training mode treats a batch as
+    ``parts`` equal batches: each is normalised with its own batch statistics and updates the
+    running statistics in turn. One forward of ``cat([a, b])`` then computes what the separate
+    forwards of ``a`` and of ``b`` do (outputs, gradients, running statistics), while every other
+    layer runs once on the whole batch. Any ``torch.nn`` BatchNorm qualifies: the layer's own
+    ``forward`` is shadowed for the block, whatever class the model uses."""
+    norms = _batchnorms(model)
+    for m in norms:
+        m.forward = functools.partial(_forward_per_part, m, type(m).forward, parts)
+    try:
+        yield
+    finally:
+        for m in norms:
+            del m.forward
