@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from scipy.ndimage import gaussian_filter
 
-from synfoc.augment import AugmentConfig, StrongParams, elastic_field, strong
+from synfoc.augment import AugmentConfig, StrongParams, draw_strong, elastic_field, strong, warp, weak_grid
 
 REF = 512
 
@@ -83,3 +83,27 @@ def test_views_use_the_same_relative_geometry_at_both_model_sizes():
     field = elastic_field(4, 128, AugmentConfig(), g)
     big = F.interpolate(field, size=(256, 256), mode="bilinear", align_corners=False)
     assert torch.allclose(big[..., ::2, ::2].std(), field.std(), rtol=0.02)
+
+
+def test_augmentation_geometry_is_shared_between_resolutions():
+    g = torch.Generator().manual_seed(0)
+    grid = weak_grid(3, 32, AugmentConfig(p=1.0), g)
+    lab = torch.zeros(3, 64, 64, dtype=torch.long)
+    lab[:, 16:48, 20:40] = 1
+    img = lab[:, None].float()
+    small_img, small_lab = warp(img[..., ::2, ::2].contiguous(), lab[:, ::2, ::2].contiguous(), grid)
+    big_img, big_lab = warp(img, lab, grid)
+    # the same transform at two sizes: the big warped label, downsampled, matches the small one
+    agree = (big_lab[:, ::2, ::2] == small_lab).float().mean()
+    assert agree > 0.97
+    assert set(big_lab.unique().tolist()) <= {0, 1}  # nearest: no new label values
+
+
+def test_strong_view_photometric_only():
+    g = torch.Generator().manual_seed(0)
+    cfg = AugmentConfig()
+    x = torch.rand(2, 1, 32, 32)
+    params = draw_strong(2, cfg, g)
+    y = strong(x, params, cfg)
+    assert y.shape == x.shape and y.min() >= 0 and y.max() <= 1
+    assert torch.all((params.brightness >= 0.1) & (params.brightness <= 2.0))

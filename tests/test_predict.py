@@ -1,7 +1,7 @@
 """``synfoc predict``: sizes, label values, folders, unreadable inputs and NIfTI geometry.
 
-A tiny run (U-Net only, 2 iterations on the embedded synthetic set) is trained once and shared
-(cached under pytest's base temp folder, so test_report.py reuses it). Geometry is checked with a
+A tiny run (U-Net only, 2 iterations on the embedded synthetic set; conftest.py) is trained once per
+session and shared with other modules. Geometry is checked with a
 fixed thresholding "model" whose right answer is known, so that a transposed, flipped or shifted
 mapping back to the original size would fail.
 """
@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import shutil
 from pathlib import Path
 
 import nibabel as nib
@@ -22,38 +21,9 @@ from torch import nn
 
 from synfoc import predict
 
-TINY = {"iters": 2, "log_every": 1, "synthetic_train": 4, "synthetic_test": 2, "labeled_num": 2,
-        "unet_size": 64, "image_size": 64, "unet_width": 8, "device": "cpu", "precision": "fp32"}
-
-
-def tiny_run(base: Path, foundation: bool = False) -> Path:
-    """A finished suponly-unet run (cached in ``base``); with ``foundation`` a copy that also holds
-    an untrained foundation student (LiteMedSAM at 64 px), re-evaluated so summary.json has both."""
-    from synfoc.config import resolve
-    from synfoc.train import train
-    run = base / "tiny_run_unet"
-    if not (run / "summary.json").is_file():
-        torch.set_num_threads(1)
-        shutil.rmtree(run, ignore_errors=True)
-        train(resolve("demo", None, {**TINY, "method": "suponly-unet"}), run, progress=False)
-    if not foundation:
-        return run
-    both = base / "tiny_run_both"
-    if not (both / "foundation.safetensors").is_file():
-        from synfoc.evaluate import evaluate_run
-        from synfoc.models import build_foundation_model
-        from synfoc.models.weights import save_trainable
-        shutil.rmtree(both, ignore_errors=True)
-        shutil.copytree(run, both)
-        fm = build_foundation_model("litemedsam", 1, lora_rank=4, image_size=64, checkpoint=None)
-        save_trainable(fm, both / "foundation.safetensors")
-        evaluate_run(both, device="cpu")  # summary.json and per_case.csv of both students
-    return both
-
-
 @pytest.fixture(scope="module")
-def run(tmp_path_factory) -> Path:
-    return tiny_run(tmp_path_factory.getbasetemp())
+def run(unet_run) -> Path:
+    return unet_run
 
 
 def run_verb(argv: list[str]) -> int:
@@ -158,12 +128,13 @@ def test_missing_student_is_a_clear_error(run, tmp_path):
                   "--student", "foundation", "--device", "cpu"])
 
 
-def test_default_student_is_the_foundation_model(run, tmp_path_factory):
-    both = tiny_run(tmp_path_factory.getbasetemp(), foundation=True)
+def test_default_student_is_the_foundation_model(run, two_student_run):
+    from synfoc.config import run_config
+    both, sizes = two_student_run, run_config(two_student_run)
     foundation = predict.make_predictor(both, device="cpu")
-    assert foundation.kind == "foundation" and foundation.students["foundation"].input_size == TINY["image_size"]
+    assert foundation.kind == "foundation" and foundation.students["foundation"].input_size == sizes.image_size
     unet = predict.make_predictor(run, device="cpu")  # a run without a foundation student
-    assert unet.kind == "unet" and unet.students["unet"].input_size == TINY["unet_size"]
+    assert unet.kind == "unet" and unet.students["unet"].input_size == sizes.unet_size
 
 
 def test_cli_wiring(run, tmp_path):

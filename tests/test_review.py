@@ -3,7 +3,7 @@ Dice of the students' own masks, the flag threshold, the three mask choices and 
 
 Fixed "students" whose answers are known (thresholds of the mean intensity, three classes) stand in
 for trained ones, at different input sizes so that each student's mask goes through its own
-resizing; the command line is checked on the tiny runs of test_predict.py.
+resizing; the command line is checked on the tiny runs of conftest.py.
 """
 
 from __future__ import annotations
@@ -21,7 +21,6 @@ from PIL import Image
 from torch import nn
 
 from synfoc import predict
-from test_predict import tiny_run  # tests/ is on sys.path under pytest (no __init__.py)
 
 PARTS = [("disc", (1, 2)), ("cup", (2,))]
 CUTS = {"unet": (0.30, 0.60), "foundation": (0.36, 0.72)}  # (rim from, cup from) in mean intensity
@@ -173,9 +172,8 @@ def run_verb(argv: list[str]) -> int:
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory):
-    base = tmp_path_factory.getbasetemp()
-    return tiny_run(base), tiny_run(base, foundation=True)
+def runs(unet_run, two_student_run):
+    return unet_run, two_student_run
 
 
 def test_missing_student_is_named(runs, tmp_path, capsys):
