@@ -72,19 +72,50 @@ def estimate_step_bytes(students: dict[str, nn.Module], sample_shapes: dict[str,
                         batch: int, optimizer_states: dict[str, int], autocast=contextlib.nullcontext) -> int:
     """Estimated peak bytes of a training step: for every student, its parameters with their
     gradients and optimizer states, plus ``batch`` samples' saved activations (measured on one
-    sample of shape ``sample_shapes[kind]``, e.g. ``(1, 3, 128, 128)``), times :data:`MARGIN`."""
+    sample of shape ``sample_shapes[kind]``, e.g. ``(1, 3, 128, 128)``), times :data:`MARGIN`.
+
+    The probe leaves the students as it found them: same mode, same BatchNorm running statistics,
+    and the global random streams untouched (its input comes from its own generator)."""
     total = 0
     for kind, model in students.items():
         device = next(model.parameters()).device
+        buffers = {name: b.detach().clone() for name, b in model.named_buffers()}
         was_training = model.training
         model.train()
-        inputs = torch.rand(sample_shapes[kind], device=device)
-        activations = saved_activation_bytes(model, inputs, autocast) * batch
-        model.train(was_training)
+        generator = torch.Generator().manual_seed(0)
+        inputs = torch.rand(sample_shapes[kind], generator=generator).to(device)
+        try:
+            activations = saved_activation_bytes(model, inputs, autocast) * batch
+        finally:
+            model.train(was_training)
+            with torch.no_grad():
+                for name, b in model.named_buffers():
+                    b.copy_(buffers[name])
         total += parameter_bytes(model, optimizer_states[kind]) + int(activations * MARGIN)
     return total
 
 
+def needs_grad_checkpointing(students: dict[str, nn.Module], sample_shapes: dict[str, tuple[int, ...]],
+                             batch: int, optimizer_states: dict[str, int], device: torch.device,
+                             autocast=contextlib.nullcontext) -> tuple[bool, str]:
+    """Whether the foundation student must recompute its encoder activations for the step to fit
+    in the free memory of ``device``; switches it on in ``students["foundation"]`` if so, and
+    returns a line saying why (empty when nothing changed)."""
+    foundation = students.get("foundation")
+    free = free_memory_bytes(device)
+    if foundation is None or foundation.grad_checkpointing or free is None:
+        return False, ""
+    plain = estimate_step_bytes(students, sample_shapes, batch, optimizer_states, autocast)
+    if plain <= free:
+        return False, ""
+    foundation.grad_checkpointing = True
+    checkpointed = estimate_step_bytes(students, sample_shapes, batch, optimizer_states, autocast)
+    line = (f"estimated peak memory {gib(plain)} > {gib(free)} free: gradient checkpointing switched on "
+            f"(estimate now {gib(checkpointed)})")
+    if checkpointed > free:
+        line += "; still more than is free: lower --batch-labeled/--batch-unlabeled or the input sizes"
+    return True, line
+
+
 def gib(n: int) -> str:
     return f"{n / 2**30:.1f} GiB"
-

@@ -14,6 +14,7 @@ Batch sizes are per process: the effective batch is N times larger.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import math
 import os
@@ -37,6 +38,7 @@ from synfoc.config import TrainConfig, validate
 from synfoc.data.base import DataError, DatasetIndex, Problem
 from synfoc.data.source import open_index
 from synfoc.errors import Interrupted, TrainingError
+from synfoc.memory import needs_grad_checkpointing
 from synfoc.method.ema import ema_update, make_teacher
 from synfoc.method.registry import models_of
 from synfoc.method.synfoc import INSTANCES
@@ -164,6 +166,13 @@ def train(cfg: TrainConfig, out: Path, resume: bool = False, progress: bool = Tr
     sizes = {"unet": cfg.unet_size} if "unet" in kinds else {}
     if "foundation" in kinds:
         sizes["foundation"] = models["foundation"].image_size
+    # Recompute the encoder's activations in backward where the step would not fit in free memory.
+    switched, why = needs_grad_checkpointing(
+        models, {k: (1, index.channels, s, s) for k, s in sizes.items()}, cfg.batch_labeled + cfg.batch_unlabeled,
+        {"unet": 1, "foundation": 2}, rt.device, rt.autocast)   # SGD momentum; AdamW's two moments
+    if switched:
+        cfg = dataclasses.replace(cfg, grad_checkpointing=True)   # config.yaml says so; a resume rebuilds it
+        say(why)
     say(f"synfoc {cfg.method}: {len(labeled_cases)} labeled ({domain}), {len(unlabeled_cases)} unlabeled, "
         f"{cfg.iters} iterations on {rt.device} ({'bf16 autocast' if rt.dtype else 'fp32'}"
         f"{', freed memory kept for reuse' if rt.keeps_freed_memory else ''}"

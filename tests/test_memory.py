@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from torch import nn
 
@@ -44,3 +45,37 @@ def test_gradient_checkpointing_lowers_the_foundation_models_estimate():
     # the activation part scales with the batch
     four = estimate_step_bytes({"foundation": model}, shape, batch=4, optimizer_states={"foundation": 2})
     assert abs((four - fixed) - 2 * (ckpt - fixed)) <= 2  # int() rounding of the margin
+
+
+def test_the_probe_leaves_batchnorm_statistics_and_random_streams_alone():
+    from synfoc.models.unet import build_unet
+    unet = build_unet(1, 1, 8).eval()
+    before = {n: b.clone() for n, b in unet.named_buffers()}
+    torch.manual_seed(7)
+    expected = torch.rand(3)
+    torch.manual_seed(7)
+    estimate_step_bytes({"unet": unet}, {"unet": (1, 1, 32, 32)}, batch=2, optimizer_states={"unet": 1})
+    assert torch.equal(torch.rand(3), expected)
+    assert not unet.training
+    for name, b in unet.named_buffers():
+        assert torch.equal(b, before[name]), name
+
+
+@pytest.mark.parametrize("free_bytes, switched", [(1, True), (2**50, False)])
+def test_training_switches_gradient_checkpointing_on_when_the_step_would_not_fit(tmp_path, monkeypatch, capsys,
+                                                                               free_bytes, switched):
+    import yaml
+
+    from synfoc import memory
+    from synfoc.config import resolve
+    from synfoc.train import train
+    monkeypatch.setattr(memory, "free_memory_bytes", lambda device: free_bytes)
+    run = tmp_path / "run"
+    settings = {"iters": 1, "synthetic_train": 4, "synthetic_test": 2, "labeled_num": 2, "unet_size": 32,
+                "image_size": 64, "unet_width": 4, "device": "cpu", "precision": "fp32", "baseline": None}
+    train(resolve("demo", None, settings), run, progress=False)
+    out = capsys.readouterr().out
+    assert ("gradient checkpointing switched on" in out) == switched
+    assert yaml.safe_load((run / "config.yaml").read_text())["grad_checkpointing"] is switched
+    if switched:
+        assert "still more than is free" in out
