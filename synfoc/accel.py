@@ -15,9 +15,11 @@ dtype, whether a gradient is wanted, whether oneDNN runs the dtype here) and oth
 module's forward, so an accelerated model also computes correctly in fp32, or on a machine it was
 not built on.
 
-``synfoc train`` applies it; evaluation, prediction and the benchmarks choose
-(``benchmarks/step_time.py --with-no-accel`` times a whole step with and without it). What each
-entry saves, and what was removed, is in docs/performance.md.
+``synfoc train`` applies it, and ``synfoc evaluate`` (so that re-evaluating a run reproduces its
+summary); ``predict`` and ``report`` run the plain models; the benchmarks choose
+(``benchmarks/step_time.py --with-no-accel`` times a whole step with and without it).
+``SYNFOC_NO_ACCEL=1`` turns it off everywhere. What each entry saves, and what was removed, is in
+docs/performance.md.
 """
 
 from __future__ import annotations
