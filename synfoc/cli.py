@@ -47,7 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "must hold the run's training cases")
     p.add_argument("--select-on", choices=["final", "test"], default="final",
                    help="'test': the students kept by --eval-every (selected on the test sets: optimistic)")
-    p.add_argument("--device", choices=["cpu", "cuda", "auto"], default="auto",
+    p.add_argument("--device", choices=CHOICES["device"], default="auto",
                    help="where to evaluate (default auto: CUDA when available)")
 
     p = sub.add_parser("data", help="dataset tools")

@@ -361,6 +361,7 @@ def predict_inputs(predictor: Predictor, source: Path, output: Path, overlay: bo
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from synfoc.config import CHOICES
     parser.add_argument("--run", required=True, help="a run folder made by 'synfoc train --out RUN'")
     parser.add_argument("--input", "-i", required=True,
                         help="an image (PNG, JPEG, TIFF, BMP), a NIfTI volume (.nii, .nii.gz) or a folder of them")
@@ -380,7 +381,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         f"(default {REVIEW_THRESHOLD})")
     parser.add_argument("--overlay", action="store_true",
                         help=f"also write OUTPUT/{OVERLAY_DIR}/NAME.png: the image with coloured prediction contours")
-    parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
+    parser.add_argument("--device", choices=CHOICES["device"], default="auto",
                         help="where the students run (default auto: CUDA when available)")
     parser.add_argument("--dataset", help="where the run's dataset is now (default: as in its config.yaml); "
                         "read for its classes, channels, slice axis and intensity window")

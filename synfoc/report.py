@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
+from synfoc.config import CHOICES
 from synfoc.figures import PART_COLOURS, overlay_contours, png_bytes, pyplot, save_figure
 
 CURVES = [("losses", ("loss", "loss_x", "loss_u", "loss_c", "loss_d")),
@@ -439,7 +440,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--cases", type=int, default=4, metavar="N",
                         help="test cases per domain in the gallery (default 4; 0: no gallery)")
     parser.add_argument("--dataset", help="where the run's dataset is now (default: as in its config.yaml)")
-    parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
+    parser.add_argument("--device", choices=CHOICES["device"], default="auto",
                         help="where the students run (default auto: CUDA when available)")
 
 
