@@ -9,9 +9,11 @@
 # run its small files (summary.json, config.yaml, history.jsonl, environment.jsonl, per_case.csv,
 # labeled.txt) are copied to benchmarks/results/busi/ with the same layout, to be committed. A
 # finished run is skipped and an interrupted one resumes, so the script can be stopped and started
-# again across sessions. To keep the code fixed while the tree changes, run it with a python
-# that imports synfoc from a worktree at a fixed commit (PY=...; -P keeps the current folder off the
-# import path; environment.jsonl records the commit).
+# again across sessions. The tables are `synfoc sweep --tables-only` over those files
+# (TABLES_ONLY=1 bash benchmarks/busi/run_protocol.sh: the tables alone, nothing trained).
+# To keep the code fixed while the tree changes, run it with a python that imports synfoc from a
+# worktree at a fixed commit (PY=...; -P keeps the current folder off the import path;
+# environment.jsonl records the commit).
 set -u
 DATA=${BUSI:-../shared/data/busi}
 SEEDS=${1:-1337 1338 1339}
@@ -21,6 +23,12 @@ RUNS=runs/busi
 KEEP=benchmarks/results/busi
 COMMON=(--preset busi --dataset "$DATA" --labeled-ratio 0.125 --iters 1000 --unet-size 128 --unet-width 16
         --foundation litemedsam --image-size 128 --batch-labeled 2 --batch-unlabeled 2 --no-progress)
+tables() {  # sweep.md (the paper's Table 6 layout, mean ± std over seeds, paired differences), sweep_seeds.csv
+  "${PY:-python}" -P -m synfoc sweep --tables-only "${COMMON[@]}" --out "$KEEP" \
+    --methods suponly-unet,base-unet,samed,base-foundation,synfoc --labeled-domains benign,malignant \
+    --seeds 1337,1338,1339
+}
+if [ -n "${TABLES_ONLY:-}" ]; then tables; exit; fi
 for SEED in $SEEDS; do
   for DOMAIN in $DOMAINS; do
     for METHOD in $METHODS; do
@@ -39,7 +47,7 @@ for SEED in $SEEDS; do
       if [ $CODE -eq 0 ]; then
         mkdir -p "$DEST"
         cp "$RUN"/{summary.json,config.yaml,history.jsonl,environment.jsonl,per_case.csv,labeled.txt} "$DEST"/
-        "${PY:-python}" -P benchmarks/busi/tables.py "$KEEP" > /dev/null
+        tables > /dev/null
       fi
     done
   done
