@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 
 from synfoc.data import DataError, check_dataset, data_check_main, drop_bad, open_dataset
-from test_data_formats import (BUSI, make_busi, make_folder, make_nifti, make_prostate, need,
+from builders import (BUSI, make_busi, make_folder, make_nifti, make_prostate, need,
                                save_png)
 
 
