@@ -33,10 +33,10 @@ def _needs(name: str):
 
 @pytest.fixture(scope="module")
 def lite_plain() -> nn.Module:
-    """A tiny LiteMedSAM (64x64 inputs, bundled weights, LoRA B drawn so LoRA carries gradients)
+    """A tiny LiteMedSAM (32x32 inputs, bundled weights, LoRA B drawn so LoRA carries gradients)
     with non-trivial BatchNorm statistics in the encoder, so that a wrong BatchNorm fold cannot pass."""
     torch.manual_seed(0)
-    model = build_foundation_model("litemedsam", 1, lora_rank=4, image_size=64)
+    model = build_foundation_model("litemedsam", 1, lora_rank=4, image_size=32)
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "lora_b" in name:
@@ -185,7 +185,7 @@ def test_accelerated_litemedsam_computes_the_plain_function(lite_plain):
     fast = _accelerated(lite_plain)
     assert {"TinyViTWindowAttention", "FoldedConv2dBN", "FusedMBConv", "ChannelLayerNorm",
             "ConvTranspose2x2"} <= {k.__name__ for k in _classes(fast)}
-    images = torch.rand(1, 1, 64, 64)
+    images = torch.rand(1, 1, 32, 32)
     exact = _assert_same_function(lite_plain, fast, images, trainable_parameters)
     with torch.inference_mode(), torch.autocast("cpu", dtype=BF16):
         teacher, plain_teacher = fast(images).float(), lite_plain(images).float()
@@ -323,7 +323,7 @@ def test_fused_conv_stage_folds_batchnorm_exactly_and_bf16_stays_close(onednn, l
     monkeypatch.setattr(torch.ops.mkldnn, "_convolution_pointwise", _Counted(op, calls))
     if not onednn:
         monkeypatch.setattr(cpu, "onednn_kernels", lambda dtype: False)
-    images = torch.rand(2, 3, 64, 64)
+    images = torch.rand(2, 3, 32, 32)
     with torch.no_grad():
         modules = plain.layers[0](plain.patch_embed(images))
         fused = encoder.layers[0](encoder.patch_embed(images))
@@ -343,7 +343,7 @@ def test_fused_conv_blocks_with_a_gradient_are_the_plain_modules(lite_plain, mon
     forward, never oneDNN's fused operator."""
     encoder = _accelerated(lite_plain, "tinyvit_fused_convs").image_encoder
     monkeypatch.setattr(torch.ops.mkldnn, "_convolution_pointwise", _Counted(None, []))
-    images = torch.rand(1, 3, 64, 64, requires_grad=True)
+    images = torch.rand(1, 3, 32, 32, requires_grad=True)
     out = encoder.layers[0](encoder.patch_embed(images))
     out.sum().backward()
     assert images.grad is not None
