@@ -37,6 +37,7 @@ values. ViT models without ``--checkpoint`` get random weights (same shapes and 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import json
 import os
@@ -88,11 +89,18 @@ def synfoc_name(module: str, name: str, optional: bool = False):
     """``synfoc.<module>.<name>``, or for a commit from before train.py was split (``--against``)
     the same name in ``synfoc.train``; ``optional``: a no-op where neither has it."""
     import importlib
+
+    import synfoc
+    package = Path(synfoc.__file__).resolve().parent
     for where in (f"synfoc.{module}", "synfoc.train"):
         try:
-            return getattr(importlib.import_module(where), name)
-        except (ImportError, AttributeError):
+            found = importlib.import_module(where)
+        except ImportError:
             continue
+        # The editable install's import hook resolves a module the older checkout lacks to the
+        # current tree's file: only the checkout's own modules count.
+        if package in Path(found.__file__).resolve().parents and hasattr(found, name):
+            return getattr(found, name)
     if optional:   # older commits set the process up inside make_runtime
         return lambda *a, **k: None
     raise ImportError(f"synfoc.{module}.{name}")
@@ -217,11 +225,20 @@ class FastStep:
 
 
 def count_flops(runner, t: int, total: int) -> int:
-    """FLOPs of one iteration (forward + backward), as counted by FlopCounterMode."""
+    """FLOPs of one iteration (forward + backward), as counted by FlopCounterMode: the model's
+    FLOPs, without gradient checkpointing's recomputation (the usual convention for utilisation)."""
     from torch.utils.flop_counter import FlopCounterMode
+    foundation, rt = runner.students["foundation"], runner.rt
+    checkpointing, foundation.grad_checkpointing = foundation.grad_checkpointing, False
+    # Counted in fp32 (the same operations and FLOPs): FlopCounterMode fails on SAM's
+    # relative-position einsum under bf16 autocast.
+    runner.rt = dataclasses.replace(rt, dtype=None)
     counter = FlopCounterMode(display=False)
-    with counter:
-        runner.step(t, total)
+    try:
+        with counter:
+            runner.step(t, total)
+    finally:
+        foundation.grad_checkpointing, runner.rt = checkpointing, rt
     sync(runner.device)
     return counter.get_total_flops()
 
