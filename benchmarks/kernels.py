@@ -86,15 +86,6 @@ def attention_rows(model, reps: int):
 
 
 def accel_rows(model, reps: int):
-    unet = build_unet(1, 1, 64).to(memory_format=torch.channels_last)
-    for up, side in ((unet.up[0].up, 16), (unet.up[3].up, 128)):
-        fast = _accelerated(up, "upsampling_matmul")
-        x = torch.randn(4, up.in_channels, side, side, dtype=BF16).contiguous(memory_format=torch.channels_last)
-        x.requires_grad_()
-        with torch.autocast("cpu", dtype=BF16):
-            yield (f"upsampling_matmul: U-Net upsampling {up.in_channels} -> {up.out_channels} at {side}x{side}, "
-                   "batch 4, fwd+bwd", "ConvTranspose2d", "matmul", timed_pair(fwd_bwd(up, x), fwd_bwd(fast, x), reps))
-
     norm = model.mask_decoder.output_upscaling[1]          # LayerNorm2d after the first 2x upsampling
     fast = _accelerated(norm, "channel_layer_norm")
     x = torch.randn(4, norm.weight.shape[0], 128, 128, dtype=BF16).contiguous(memory_format=torch.channels_last)

@@ -67,34 +67,6 @@ def _subclass(fast: type, base: type) -> type:
     return type(fast.__name__, (fast, base), {"__module__": __name__, "__qualname__": fast.__name__})
 
 
-# ----------------------------------------------------------------------------- upsampling as a matmul
-class ConvTranspose2x2(nn.ConvTranspose2d):
-    """``nn.ConvTranspose2d`` with a 2x2 kernel and stride 2 (the U-Net's and the mask decoder's
-    upsamplings) as one matrix product: each input pixel's channels times the ``(C_in, 2*2*C_out)``
-    weight matrix give its 2x2 output block, which a view rearranges into the upsampled map. Forward
-    and backward are ordinary matmul and view operations; oneDNN's weight gradient of the transposed
-    convolution is slow in bf16 channels-last."""
-
-    def forward(self, x: torch.Tensor, output_size: list[int] | None = None) -> torch.Tensor:
-        if output_size is not None or x.ndim != 4:
-            return super().forward(x, output_size)
-        b, c, h, w = x.shape
-        out = self.out_channels
-        pixels = x.permute(0, 2, 3, 1).reshape(-1, c)                   # a view when channels-last
-        weight = self.weight.permute(0, 2, 3, 1).reshape(c, 4 * out)   # columns ordered (dy, dx, o)
-        blocks = F.linear(pixels, weight.t(), None if self.bias is None else self.bias.repeat(4))
-        y = blocks.view(b, h, w, 2, 2, out).permute(0, 1, 3, 2, 4, 5).reshape(b, 2 * h, 2 * w, out)
-        y = y.permute(0, 3, 1, 2)                                      # (b, out, 2h, 2w), channels-last
-        return y if x.is_contiguous(memory_format=torch.channels_last) else y.contiguous()
-
-
-def _upsampling(m: nn.Module) -> type | None:
-    if (type(m) is nn.ConvTranspose2d and m.kernel_size == (2, 2) and m.stride == (2, 2) and m.padding == (0, 0)
-            and m.output_padding == (0, 0) and m.dilation == (1, 1) and m.groups == 1):
-        return ConvTranspose2x2
-    return None
-
-
 # ----------------------------------------------------------------------------- SAM's LayerNorm2d
 class ChannelLayerNorm(nn.Module):
     """SAM's ``LayerNorm2d`` (a layer norm over the channels of ``(B, C, H, W)``) as one
@@ -252,8 +224,6 @@ class Kernel:
 
 
 KERNELS: dict[str, Kernel] = {k.name: k for k in (
-    Kernel("upsampling_matmul", "2x2 stride-2 nn.ConvTranspose2d (U-Net, mask decoder)", BF16_CPU,
-           lambda: cpu.cpu_has_bf16(), _upsampling),
     Kernel("channel_layer_norm", "SAM's LayerNorm2d (encoder neck, mask decoder)", BF16_CPU,
            lambda: cpu.cpu_has_bf16(), _layer_norm_2d),
     Kernel("tinyvit_attention", "TinyViT's window Attention", BF16_CPU,

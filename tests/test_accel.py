@@ -129,7 +129,7 @@ def test_kernels_are_chosen_by_cpu_feature(monkeypatch):
     monkeypatch.setattr(cpu, "cpu_has_bf16", lambda: True)
     monkeypatch.setattr(cpu, "onednn_bf16", lambda: False)
     assert "tinyvit_fused_convs" not in accel.available_kernels("cpu")
-    assert "upsampling_matmul" in accel.available_kernels("cpu")
+    assert "channel_layer_norm" in accel.available_kernels("cpu")
     monkeypatch.setattr(cpu, "onednn_bf16", lambda: True)
     assert accel.available_kernels("cpu") == list(accel.KERNELS)
     assert accel.available_kernels("cuda") == [] and accel.available_kernels(torch.device("cuda", 0)) == []
@@ -175,7 +175,6 @@ def test_accelerated_unet_computes_the_plain_function():
     torch.manual_seed(0)
     unet = build_unet(1, 1, 4).train()
     fast = _accelerated(unet)
-    assert accel.ConvTranspose2x2 in _classes(fast)
     _assert_same_function(unet, fast, torch.rand(4, 1, 32, 32), lambda m: list(m.parameters()))
 
 
@@ -183,8 +182,8 @@ def test_accelerated_litemedsam_computes_the_plain_function(lite_plain):
     """The student (LoRA gradients, frozen first stage) and the EMA teacher's bf16 forward without a
     gradient, with every kernel."""
     fast = _accelerated(lite_plain)
-    assert {"TinyViTWindowAttention", "FoldedConv2dBN", "FusedMBConv", "ChannelLayerNorm",
-            "ConvTranspose2x2"} <= {k.__name__ for k in _classes(fast)}
+    assert {"TinyViTWindowAttention", "FoldedConv2dBN", "FusedMBConv", "ChannelLayerNorm"} <= {
+        k.__name__ for k in _classes(fast)}
     images = torch.rand(1, 1, 32, 32)
     exact = _assert_same_function(lite_plain, fast, images, trainable_parameters)
     with torch.inference_mode(), torch.autocast("cpu", dtype=BF16):
@@ -193,31 +192,6 @@ def test_accelerated_litemedsam_computes_the_plain_function(lite_plain):
 
 
 # ----------------------------------------------------------------------------- one kernel at a time
-@pytest.mark.parametrize("channels_last", [False, True])
-@pytest.mark.parametrize("bias", [False, True])
-def test_upsampling_matmul_matches_the_transposed_convolution(channels_last, bias):
-    """ConvTranspose2x2 = F.conv_transpose2d: values, input and parameter gradients, and the input's
-    memory layout; other transposed convolutions are left alone."""
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.ConvTranspose2d(6, 5, 2, stride=2, bias=bias), nn.ConvTranspose2d(5, 5, 3, stride=2))
-    accel.accelerate(model, "cpu", ["upsampling_matmul"])
-    layer = model[0]
-    assert type(layer) is accel.ConvTranspose2x2 and type(model[1]) is nn.ConvTranspose2d
-    x = torch.randn(3, 6, 4, 7)
-    if channels_last:
-        x = x.contiguous(memory_format=torch.channels_last)
-    grad = torch.randn(3, 5, 8, 14)
-    x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
-    y = layer(x1)
-    expected = F.conv_transpose2d(x2, layer.weight, layer.bias, stride=2)
-    torch.testing.assert_close(y, expected, rtol=1e-5, atol=1e-6)
-    assert y.is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
-    got = torch.autograd.grad(y, [x1, layer.weight] + ([layer.bias] if bias else []), grad)
-    want = torch.autograd.grad(expected, [x2, layer.weight] + ([layer.bias] if bias else []), grad)
-    for g, w in zip(got, want):
-        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5)
-
-
 def test_channel_layer_norm_equals_sam_layernorm2d():
     from segment_anything.modeling.common import LayerNorm2d
 
