@@ -2,52 +2,15 @@
 
 from __future__ import annotations
 
-from contextlib import contextmanager
-
 import torch
 from torch import nn
-
-
-class BatchNorm2d(nn.BatchNorm2d):
-    """``nn.BatchNorm2d`` that can normalise one batch as several independent ones.
-
-    With ``groups`` > 1 (set by :func:`independent_batches`) a training batch is split into that many
-    equal parts; each part is normalised with its own batch statistics and updates the running
-    statistics in turn. That is what separate forwards of the parts compute, while every
-    convolution runs once on the whole batch.
-    """
-
-    groups = 1
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.groups == 1 or not self.training:
-            return super().forward(x)
-        if x.shape[0] % self.groups:
-            raise ValueError(f"a batch of {x.shape[0]} cannot be split into {self.groups} equal batches")
-        normalise = super().forward
-        return torch.cat([normalise(part) for part in x.chunk(self.groups)])
-
-
-@contextmanager
-def independent_batches(model: nn.Module, groups: int):
-    """Within the block, ``model``'s :class:`BatchNorm2d` layers treat a batch as ``groups`` equal
-    batches: one forward of ``cat([a, b])`` computes what the forwards of ``a`` and of ``b`` do
-    (outputs, gradients, running statistics), with the convolutions batched."""
-    norms = [m for m in model.modules() if isinstance(m, BatchNorm2d)]
-    for m in norms:
-        m.groups = groups
-    try:
-        yield
-    finally:
-        for m in norms:
-            del m.groups
 
 
 def _double_conv(cin: int, cout: int) -> nn.Sequential:
     """(3x3 conv, BatchNorm, ReLU) twice."""
     return nn.Sequential(
-        nn.Conv2d(cin, cout, 3, padding=1, bias=False), BatchNorm2d(cout), nn.ReLU(inplace=True),
-        nn.Conv2d(cout, cout, 3, padding=1, bias=False), BatchNorm2d(cout), nn.ReLU(inplace=True),
+        nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True),
+        nn.Conv2d(cout, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True),
     )
 
 
