@@ -41,9 +41,9 @@ def ensemble(p_ut: torch.Tensor, p_ms: torch.Tensor, alpha: torch.Tensor) -> tor
 
 
 def labels_of(p: torch.Tensor) -> torch.Tensor:
-    """argmax over the class dimension, through ``max`` (same first-index ties): on CPU, argmax over
-    a short dimension of a contiguous tensor is ~25x slower (28 ms vs 1.0 ms for 2x2x256x256,
-    ``benchmarks/kernels.py``)."""
+    """argmax over the class dimension, through ``max`` (same first-index ties): on the CPU, argmax
+    over a short dimension of a contiguous tensor is an order of magnitude slower
+    (``benchmarks/kernels.py``)."""
     return p.max(dim=1).indices
 
 
