@@ -209,6 +209,7 @@ def _tinyvit_conv_block(m: nn.Module) -> type | None:
 
 # ----------------------------------------------------------------------------- the table
 BF16_CPU = "AMX-BF16 or AVX512-BF16"
+ONEDNN = "oneDNN's fused convolution (x86-64)"
 
 
 @dataclass(frozen=True)
@@ -228,11 +229,12 @@ KERNELS: dict[str, Kernel] = {k.name: k for k in (
            lambda: cpu.cpu_has_bf16(), _layer_norm_2d),
     Kernel("tinyvit_attention", "TinyViT's window Attention", BF16_CPU,
            lambda: cpu.cpu_has_bf16(), _tinyvit_attention),
-    Kernel("folded_conv_bn", "TinyViT's Conv2d_BN (eval mode)", BF16_CPU,
-           lambda: cpu.cpu_has_bf16(), _conv2d_bn),
+    # The two BatchNorm foldings pay in fp32 as well (AVX2 CPUs): every x86-64 CPU with oneDNN.
+    Kernel("folded_conv_bn", "TinyViT's Conv2d_BN (eval mode)", ONEDNN,
+           lambda: cpu.onednn_kernels(torch.float32), _conv2d_bn),
     Kernel("tinyvit_fused_convs", "TinyViT's PatchEmbed, MBConv, PatchMerging without gradient",
-           f"{BF16_CPU}, and oneDNN's bf16 kernels ({cpu.ONEDNN_BF16_ISAS})",
-           lambda: cpu.cpu_has_bf16() and cpu.onednn_bf16(), _tinyvit_conv_block),
+           f"{ONEDNN}; in bf16 also oneDNN's bf16 kernels ({cpu.ONEDNN_BF16_ISAS})",
+           lambda: cpu.onednn_kernels(torch.float32), _tinyvit_conv_block),
 )}
 
 

@@ -105,8 +105,8 @@ def test_accelerate_keeps_state_dict_names_and_weight_files(tmp_path):
 
 # ----------------------------------------------------------------------------- choice per device
 def test_accelerate_is_a_no_op_without_the_cpu_features(monkeypatch):
-    """On a CPU without bf16 arithmetic (and without oneDNN's bf16 kernels) no kernel applies and
-    every module keeps its class; on CUDA neither; nor with SYNFOC_NO_ACCEL=1."""
+    """On a CPU without bf16 arithmetic and without oneDNN (not x86-64) no kernel applies and every
+    module keeps its class; on CUDA neither; nor with SYNFOC_NO_ACCEL=1."""
     monkeypatch.delenv("SYNFOC_NO_ACCEL", raising=False)
     monkeypatch.setattr(cpu, "cpu_has_bf16", lambda: True)
     monkeypatch.setenv("SYNFOC_NO_ACCEL", "1")
@@ -114,6 +114,7 @@ def test_accelerate_is_a_no_op_without_the_cpu_features(monkeypatch):
     monkeypatch.delenv("SYNFOC_NO_ACCEL")
     monkeypatch.setattr(cpu, "cpu_has_bf16", lambda: False)
     monkeypatch.setattr(cpu, "onednn_bf16", lambda: False)
+    monkeypatch.setattr(cpu, "onednn_kernels", lambda dtype: False)
     assert accel.available_kernels("cpu") == []
     for model in (build_unet(1, 1, 4), build_foundation_model("litemedsam", 1, image_size=64, pretrained=False)):
         before = _classes(model)
@@ -122,14 +123,14 @@ def test_accelerate_is_a_no_op_without_the_cpu_features(monkeypatch):
 
 
 def test_kernels_are_chosen_by_cpu_feature(monkeypatch):
-    """bf16 arithmetic without oneDNN's bf16 kernels (oneDNN capped): only the kernels made of public
-    operators; with both: all of them; CUDA: none."""
+    """An x86-64 CPU without bf16 arithmetic (AVX2): the two BatchNorm foldings, which pay in fp32
+    too; with bf16 arithmetic: all of them (a fused convolution without oneDNN's bf16 kernels falls
+    back at call time); CUDA: none."""
     monkeypatch.delenv("SYNFOC_NO_ACCEL", raising=False)
+    monkeypatch.setattr(cpu, "onednn_kernels", lambda dtype: dtype == torch.float32)
+    monkeypatch.setattr(cpu, "cpu_has_bf16", lambda: False)
+    assert accel.available_kernels("cpu") == ["folded_conv_bn", "tinyvit_fused_convs"]
     monkeypatch.setattr(cpu, "cpu_has_bf16", lambda: True)
-    monkeypatch.setattr(cpu, "onednn_bf16", lambda: False)
-    assert "tinyvit_fused_convs" not in accel.available_kernels("cpu")
-    assert "channel_layer_norm" in accel.available_kernels("cpu")
-    monkeypatch.setattr(cpu, "onednn_bf16", lambda: True)
     assert accel.available_kernels("cpu") == list(accel.KERNELS)
     assert accel.available_kernels("cuda") == [] and accel.available_kernels(torch.device("cuda", 0)) == []
     with pytest.raises(ValueError, match="unknown kernel"):
