@@ -35,19 +35,28 @@ def eval_size(cfg) -> int:
 
 
 @torch.no_grad()
+def probability_chunks(model: nn.Module, images: torch.Tensor, device, autocast, batch: int = 8):
+    """Soft-max probabilities of a model on uint8 images (N, C, S, S), ``batch`` images at a time on
+    ``device``, each chunk (n, C+1, S, S): the logits of SAM ViT decoders, at a quarter of the input
+    size, are brought to it bilinearly first."""
+    with torch.no_grad():
+        for i in range(0, images.shape[0], batch):
+            x = images[i:i + batch].to(device).float().div_(255)
+            with autocast():
+                logits = model(x).float()
+            if logits.shape[-1] != x.shape[-1]:
+                logits = F.interpolate(logits, size=x.shape[-2:], mode="bilinear", align_corners=False)
+            yield logits.softmax(dim=1)
+
+
 def predict_labels(model: nn.Module, images: torch.Tensor, out_size: int, device, autocast,
                    batch: int = 8) -> torch.Tensor:
     """Arg-max labels (N, out_size, out_size) of a model on uint8 images (N, C, S, S)."""
     was_training = model.training
     model.eval()
     preds = []
-    for i in range(0, images.shape[0], batch):
-        x = images[i:i + batch].to(device).float().div_(255)
-        with autocast():
-            logits = model(x).float()
-        if logits.shape[-1] != x.shape[-1]:  # SAM ViT decoders return input/4
-            logits = F.interpolate(logits, size=x.shape[-2:], mode="bilinear", align_corners=False)
-        lab = logits.softmax(dim=1).argmax(dim=1, keepdim=True).float()
+    for probs in probability_chunks(model, images, device, autocast, batch):
+        lab = probs.argmax(dim=1, keepdim=True).float()
         if lab.shape[-1] != out_size:
             lab = F.interpolate(lab, size=(out_size, out_size), mode="nearest")
         preds.append(lab[:, 0].to(torch.uint8).cpu())

@@ -104,20 +104,11 @@ class Predictor:
 
 def student_probabilities(model, images, device, autocast, batch: int = 8):
     """Soft-max probabilities (N, C+1, S, S) on the CPU of a student on uint8 images (N, C, S, S):
-    :func:`synfoc.evaluate.predict_labels` before its arg-max (logits of SAM ViT decoders, at a
-    quarter of the input size, brought to it bilinearly first)."""
+    :func:`synfoc.evaluate.predict_labels` before its arg-max."""
     import torch
-    import torch.nn.functional as F
-    chunks = []
-    with torch.no_grad():
-        for i in range(0, images.shape[0], batch):
-            x = images[i:i + batch].to(device).float().div_(255)
-            with autocast():
-                logits = model(x).float()
-            if logits.shape[-1] != x.shape[-1]:
-                logits = F.interpolate(logits, size=x.shape[-2:], mode="bilinear", align_corners=False)
-            chunks.append(logits.softmax(dim=1).cpu())
-    return torch.cat(chunks)
+
+    from synfoc.evaluate import probability_chunks
+    return torch.cat([p.cpu() for p in probability_chunks(model, images, device, autocast, batch)])
 
 
 def missing_student(run: Path, students: dict, why: str) -> ValueError:
