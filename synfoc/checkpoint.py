@@ -21,6 +21,7 @@ from synfoc.errors import TrainingError, os_error_message, torch_load_reason
 from synfoc.runtime import unwrap
 
 CHECKPOINT = "checkpoint.pt"
+DOMAIN_STATISTICS = "unet_domains.safetensors"
 
 
 def atomic_save(obj, path: Path) -> None:
@@ -71,26 +72,57 @@ def teacher_state(student: nn.Module, teacher: nn.Module) -> dict[str, torch.Ten
 
 
 def save_student_weights(students: dict[str, nn.Module], out: Path, cfg: TrainConfig) -> None:
-    from safetensors import SafetensorError
     from safetensors.torch import save_file
     from synfoc.models.weights import save_trainable
     for name, m in students.items():
         m = unwrap(m)
-        target = out / f"{name}.safetensors"
-        tmp = out / f"{name}.safetensors.tmp"
-        try:
-            if name == "unet":
-                save_file({k: v.contiguous() for k, v in m.state_dict().items()}, str(tmp),
-                          metadata={"model": "unet", "width": str(cfg.unet_width)})
-            else:
-                save_trainable(m, tmp)
-            os.replace(tmp, target)
-        except (OSError, RuntimeError, SafetensorError) as exc:
-            with contextlib.suppress(OSError):
-                tmp.unlink()
-            raise TrainingError(f"{write_failure(exc, tmp)}; {CHECKPOINT} is kept: "
-                                f"free some space and run `synfoc train --resume {out}`") from None
-        ordinary_file_mode(target)
+        if name == "unet":
+            state = {k: v.contiguous() for k, v in m.state_dict().items()}
+            write_safetensors(out / f"{name}.safetensors", lambda tmp: save_file(
+                state, str(tmp), metadata={"model": "unet", "width": str(cfg.unet_width)}))
+        else:
+            write_safetensors(out / f"{name}.safetensors", lambda tmp: save_trainable(m, tmp))
+
+
+def save_domain_statistics(stats: dict[str, dict[str, torch.Tensor]], out: Path) -> None:
+    """``unet_domains.safetensors``: the U-Net's BatchNorm statistics per training domain
+    (:func:`synfoc.views.domain_batchnorm_statistics`), keys ``DOMAIN/BUFFER``."""
+    from safetensors.torch import save_file
+    flat = {f"{domain}/{name}": v.contiguous() for domain, state in stats.items() for name, v in state.items()}
+    write_safetensors(out / DOMAIN_STATISTICS, lambda tmp: save_file(flat, str(tmp)))
+
+
+def load_domain_statistics(weights_dir: Path) -> dict[str, dict[str, torch.Tensor]]:
+    """What :func:`save_domain_statistics` wrote, or nothing for a run without the file."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+    path = Path(weights_dir) / DOMAIN_STATISTICS
+    if not path.is_file():
+        return {}
+    try:
+        flat = load_file(str(path))
+    except (OSError, SafetensorError) as exc:
+        raise ValueError(f"cannot read {path}: {exc}") from None
+    out: dict[str, dict[str, torch.Tensor]] = {}
+    for key, value in flat.items():
+        domain, _, name = key.rpartition("/")   # buffer names hold dots, never slashes
+        out.setdefault(domain, {})[name] = value
+    return out
+
+
+def write_safetensors(target: Path, write) -> None:
+    """``write(tmp)`` then rename to ``target``: a failed write keeps the previous file and says why."""
+    from safetensors import SafetensorError
+    tmp = target.with_name(target.name + ".tmp")
+    try:
+        write(tmp)
+        os.replace(tmp, target)
+    except (OSError, RuntimeError, SafetensorError) as exc:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise TrainingError(f"{write_failure(exc, tmp)}; {CHECKPOINT} is kept: "
+                            f"free some space and run `synfoc train --resume {target.parent}`") from None
+    ordinary_file_mode(target)
 
 
 def ordinary_file_mode(path: Path) -> None:

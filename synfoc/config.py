@@ -58,7 +58,7 @@ class TrainConfig:
     threshold: float = 0.95
     ema_decay: float = 0.99
     teacher_mode: str = "train"           # the published script keeps both teachers in train mode
-    recalibrate_bn: bool = True           # U-Net BatchNorm statistics from weak training views at the end
+    recalibrate_bn: bool = True           # U-Net BatchNorm statistics from weak training views at the end: pooled, and per domain for evaluating each
     baseline: str | None = None           # also train this method (if not --method) with the same settings into RUN/<method>/
     # models
     foundation: str = option("litemedsam", "the foundation model (`synfoc models` lists them; default litemedsam)")

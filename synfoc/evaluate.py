@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from synfoc.checkpoint import load_run
+from synfoc.checkpoint import load_domain_statistics, load_run
 from synfoc.metrics import METRIC_NAMES, batch_multiclass_metrics
 
 
@@ -65,8 +65,11 @@ def predict_labels(model: nn.Module, images: torch.Tensor, out_size: int, device
 
 
 def evaluate_students(students: dict[str, nn.Module], index, cfg, device, autocast,
-                      progress: bool = False) -> list[dict]:
-    """One row per (student, domain, case, part) with Dice, Jaccard, HD95 and ASD."""
+                      progress: bool = False, domain_stats: dict | None = None) -> list[dict]:
+    """One row per (student, domain, case, part) with Dice, Jaccard, HD95 and ASD. ``domain_stats``:
+    the U-Net's BatchNorm statistics per domain (``unet_domains.safetensors``), used on that domain."""
+    from synfoc.method.norm import using_batchnorm_statistics
+    domain_stats = domain_stats or {}
     from synfoc.data import load_cases
     size = eval_size(cfg)
     rows = []
@@ -82,7 +85,8 @@ def evaluate_students(students: dict[str, nn.Module], index, cfg, device, autoca
         volumes = test_volumes(index, cases) if getattr(index, "volume_metrics", False) else None
         for kind, model in students.items():
             images = loaded.arrays[input_sizes[kind]][0]
-            pred = predict_labels(model, images, size, device, autocast).numpy()
+            with using_batchnorm_statistics(model, domain_stats.get(domain) if kind == "unet" else None):
+                pred = predict_labels(model, images, size, device, autocast).numpy()
             if volumes is not None:
                 rows += volume_rows(kind, domain, volumes, pred, loaded.original_sizes, index.report_parts)
                 continue
@@ -229,7 +233,8 @@ def evaluate_run(run: Path, dataset: str | None = None, select_on: str = "final"
     # the kernels training evaluated with, so that the summary is reproduced, not only within bf16 rounding
     from synfoc.accel import accelerate
     students = {k: accelerate(m, rt.device) for k, m in students.items()}
-    rows = evaluate_students(students, index, cfg, rt.device, rt.autocast, progress=True)
+    rows = evaluate_students(students, index, cfg, rt.device, rt.autocast, progress=True,
+                             domain_stats=load_domain_statistics(weights))
     summary = write_evaluation(rows, run, cfg, index, "final" if select_on == "final" else "test-selected")
     print(markdown_table(summary, tested_domains(index, cfg)))
     return summary

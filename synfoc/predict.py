@@ -121,19 +121,24 @@ def missing_student(run: Path, students: dict, why: str) -> ValueError:
 
 def make_predictor(run: Path, student: str | None = None, device: str = "auto", dataset: str | None = None,
                    slice_axis: int | None = None, review: bool | None = None,
-                   threshold: float = REVIEW_THRESHOLD) -> Predictor:
+                   threshold: float = REVIEW_THRESHOLD, domain: str | None = None) -> Predictor:
     """Load a run's students. ``student``: the mask written, a student's name or ``average``
     (default: the foundation model when the run has one, else the U-Net). ``review``: also return
-    both students' masks (True: required; None: when the run has both students)."""
-    return load_predictor(run, student, device, dataset, slice_axis, review, threshold)[0]
+    both students' masks (True: required; None: when the run has both students). ``domain``: a
+    training domain whose BatchNorm statistics the U-Net uses (default: those of all training
+    images together)."""
+    return load_predictor(run, student, device, dataset, slice_axis, review, threshold, domain)[0]
 
 
 def load_predictor(run: Path, student: str | None = None, device: str = "auto", dataset: str | None = None,
                    slice_axis: int | None = None, review: bool | None = None,
-                   threshold: float = REVIEW_THRESHOLD) -> tuple[Predictor, object, object]:
+                   threshold: float = REVIEW_THRESHOLD,
+                   domain: str | None = None) -> tuple[Predictor, object, object]:
     """(:func:`make_predictor`'s predictor, the run's config, its dataset index)."""
     from synfoc.checkpoint import load_run
     cfg, index, students, rt = load_run(Path(run), dataset=dataset, device=device)
+    if domain is not None:
+        use_domain_statistics(Path(run), students, domain)
     kind = student or ("foundation" if "foundation" in students else "unet")
     both = all(s in students for s in STUDENTS)
     if kind == AVERAGE and not both:
@@ -154,6 +159,21 @@ def load_predictor(run: Path, student: str | None = None, device: str = "auto", 
                           intensity_window=getattr(index, "intensity_window", None),
                           device=rt.device, autocast=rt.autocast, review=review, threshold=threshold)
     return predictor, cfg, index
+
+
+def use_domain_statistics(run: Path, students: dict, domain: str) -> None:
+    """Give the U-Net the BatchNorm statistics of a training domain, as evaluation does on that domain."""
+    from synfoc.checkpoint import DOMAIN_STATISTICS, load_domain_statistics
+    if "unet" not in students:
+        raise ValueError(f"--domain chooses the U-Net's BatchNorm statistics, but {run} has no U-Net student")
+    stats = load_domain_statistics(run)
+    if not stats:
+        raise ValueError(f"--domain {domain}: {run} has no per-domain statistics ({DOMAIN_STATISTICS}; "
+                         "runs trained with recalibrate_bn write it)")
+    if domain not in stats:
+        raise ValueError(f"--domain {domain}: not a training domain of {run} (it has: {', '.join(sorted(stats))})")
+    unet = students["unet"]
+    unet.load_state_dict({**unet.state_dict(), **stats[domain]})
 
 
 def check_threshold(threshold: float) -> None:
@@ -370,6 +390,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--review-threshold", type=float, default=REVIEW_THRESHOLD, metavar="T",
                         help=f"flag inputs whose agreement (mean Dice over the parts) is below T "
                         f"(default {REVIEW_THRESHOLD})")
+    parser.add_argument("--domain", metavar="NAME",
+                        help="the training domain (site, scanner) the inputs come from: the U-Net then "
+                        "normalises with that domain's BatchNorm statistics, as the evaluation does "
+                        "(default: the statistics of all training images together)")
     parser.add_argument("--overlay", action="store_true",
                         help=f"also write OUTPUT/{OVERLAY_DIR}/NAME.png: the image with coloured prediction contours")
     parser.add_argument("--device", choices=CHOICES["device"], default="auto",
@@ -409,7 +433,7 @@ def main(args: argparse.Namespace) -> int:
     list_inputs(source, output)  # fail before loading the models when there is nothing to do
     check_threshold(args.review_threshold)
     predictor = make_predictor(Path(args.run), args.student, args.device, args.dataset, args.slice_axis,
-                               args.review, args.review_threshold)
+                               args.review, args.review_threshold, args.domain)
     written, skipped = predict_inputs(predictor, source, output, overlay=args.overlay,
                                       progress=not args.no_progress)
     by = "as the average of both students" if predictor.kind == AVERAGE else f"by the {predictor.kind} student"

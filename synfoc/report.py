@@ -138,11 +138,13 @@ def gallery(run: Path, per_domain: int, device: str = "auto", dataset: str | Non
     Three times as many cases as asked are read and those with foreground in the ground truth are
     preferred, so that slices of a volume outside the organ do not fill the gallery.
     """
-    from synfoc.checkpoint import load_run
+    from synfoc.checkpoint import load_domain_statistics, load_run
     from synfoc.data import load_cases
     from synfoc.evaluate import eval_size, predict_labels
+    from synfoc.method.norm import using_batchnorm_statistics
 
     cfg, index, students, rt = load_run(run, dataset=dataset, device=device)
+    domain_stats = load_domain_statistics(run)   # as the evaluation used them
     size = eval_size(cfg)
     sizes = {"unet": cfg.unet_size}
     if "foundation" in students:
@@ -161,7 +163,8 @@ def gallery(run: Path, per_domain: int, device: str = "auto", dataset: str | Non
         predictions = {}
         for kind, model in students.items():
             images = loaded.arrays[sizes[kind]][0][chosen]
-            predictions[kind] = predict_labels(model, images, size, rt.device, rt.autocast).numpy()
+            with using_batchnorm_statistics(model, domain_stats.get(domain) if kind == "unet" else None):
+                predictions[kind] = predict_labels(model, images, size, rt.device, rt.autocast).numpy()
         images = loaded.arrays[size][0][chosen].numpy().transpose(0, 2, 3, 1)
         out["domains"][domain] = [
             {"name": candidates[i].name, "image": images[j], "truth": truth[i],

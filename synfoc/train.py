@@ -32,8 +32,8 @@ from torch import nn
 from synfoc.accel import accelerate
 from synfoc.augment import AugmentConfig
 from synfoc.build import build_method, build_students, make_optimizers, parameter_summary, with_image_size
-from synfoc.checkpoint import (CHECKPOINT, atomic_save, check_same_split, load_checkpoint, save_student_weights,
-                               teacher_state, trainable_state, trim_history)
+from synfoc.checkpoint import (CHECKPOINT, atomic_save, check_same_split, load_checkpoint, save_domain_statistics,
+                               save_student_weights, teacher_state, trainable_state, trim_history)
 from synfoc.config import TrainConfig, validate
 from synfoc.data.base import DataError, DatasetIndex, Problem
 from synfoc.data.source import open_index
@@ -44,7 +44,7 @@ from synfoc.method.registry import models_of
 from synfoc.method.synfoc import INSTANCES
 from synfoc.runtime import (Runtime, environment, fast_layout, make_runtime, release_freed_memory, seed_everything,
                             unwrap)
-from synfoc.views import load_arrays, make_views, recalibrate_batchnorm
+from synfoc.views import domain_batchnorm_statistics, load_arrays, make_views, recalibrate_batchnorm
 
 # A checkpoint is also written when this much wall time passed since the last one, so that a kill
 # never loses more than about ten minutes of work, whatever the interval in iterations.
@@ -327,12 +327,20 @@ def train(cfg: TrainConfig, out: Path, resume: bool = False, progress: bool = Tr
 
     summary = None
     if rt.master:
+        domain_stats = {}
         if cfg.recalibrate_bn and "unet" in models:
-            n = recalibrate_batchnorm(unwrap(models["unet"]), [labeled, unlabeled], sizes["unet"], aug, rt, seed)
-            say(f"U-Net BatchNorm statistics re-estimated on weak views of {n} training images")
+            unet, sources = unwrap(models["unet"]), [labeled, unlabeled]
+            domain_stats = domain_batchnorm_statistics(
+                unet, sources, [[c.domain for c in labeled_cases], [c.domain for c in unlabeled_cases]],
+                sizes["unet"], aug, rt, seed)
+            n = recalibrate_batchnorm(unet, sources, sizes["unet"], aug, rt, seed)
+            say(f"U-Net BatchNorm statistics re-estimated on weak views of {n} training images, and per "
+                f"training domain ({', '.join(domain_stats)}) for evaluating each domain")
         save_student_weights(students, out, cfg)
+        if domain_stats:
+            save_domain_statistics(domain_stats, out)
         results = evaluate_students({k: unwrap(m) for k, m in students.items()}, index, cfg, rt.device,
-                                    rt.autocast, progress=progress)
+                                    rt.autocast, progress=progress, domain_stats=domain_stats)
         summary = write_evaluation(results, out, cfg, index)
         for kind, res in summary["students"].items():
             for metric, v in res["mean"].items():

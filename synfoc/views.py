@@ -46,6 +46,9 @@ class Arrays:
     def __len__(self) -> int:
         return next(iter(self.labels.values())).shape[0]
 
+    def subset(self, idx: torch.Tensor) -> Arrays:
+        return Arrays({s: a[idx] for s, a in self.images.items()}, {s: a[idx] for s, a in self.labels.items()})
+
     def take(self, idx: torch.Tensor, size: int, device) -> tuple[torch.Tensor, torch.Tensor]:
         img = self.images[size][idx].to(device, non_blocking=True).float().div_(255)
         return img, self.labels[size][idx].to(device, non_blocking=True).long()
@@ -135,3 +138,22 @@ def recalibrate_batchnorm(model: nn.Module, sources: list[Arrays], size: int, au
         m.momentum = momentum
     model.train(was_training)
     return count
+
+
+def domain_batchnorm_statistics(model: nn.Module, sources: list[Arrays], domains: list[list[str]], size: int,
+                                aug: AugmentConfig, rt, seed: int, **kwargs) -> dict[str, dict[str, torch.Tensor]]:
+    """Per training domain, the statistics :func:`recalibrate_batchnorm` finds on weak views of that
+    domain's training images alone, labeled and unlabeled (``domains[i][j]``: the domain of image j
+    of ``sources[i]``). A domain's images share intensity and contrast, which the pooled average
+    over every domain fits for none of them when the domains differ much; evaluation on a domain
+    then normalises with its own statistics. No label is read. The model's statistics are left as
+    they were; a domain with fewer than two images gets none."""
+    from synfoc.method.norm import batchnorm_statistics, using_batchnorm_statistics
+    out = {}
+    with using_batchnorm_statistics(model, batchnorm_statistics(model)):  # restores them afterwards
+        for domain in sorted({d for names in domains for d in names}):
+            parts = [arrays.subset(torch.tensor([j for j, d in enumerate(names) if d == domain], dtype=torch.long))
+                     for arrays, names in zip(sources, domains)]
+            if recalibrate_batchnorm(model, parts, size, aug, rt, seed, **kwargs):
+                out[domain] = batchnorm_statistics(model)
+    return out

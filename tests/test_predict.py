@@ -137,6 +137,21 @@ def test_default_student_is_the_foundation_model(run, two_student_run):
     assert unet.kind == "unet" and unet.students["unet"].input_size == sizes.unet_size
 
 
+def test_domain_chooses_the_unets_batchnorm_statistics(run, tmp_path):
+    """A run writes the U-Net's statistics per training domain; ``--domain`` puts that domain's
+    into the U-Net, an unknown domain is an error naming the known ones."""
+    from safetensors.torch import load_file
+    stored = load_file(str(run / "unet_domains.safetensors"))
+    assert {k.split("/")[0] for k in stored} == {"siteA", "siteB", "siteC"}
+    predictor = predict.make_predictor(run, device="cpu", domain="siteB")
+    buffers = dict(predictor.students["unet"].model.named_buffers())
+    for key, value in stored.items():
+        if key.startswith("siteB/"):
+            torch.testing.assert_close(buffers[key.partition("/")[2]], value)
+    with pytest.raises(ValueError, match="not a training domain.*siteA, siteB, siteC"):
+        predict.make_predictor(run, device="cpu", domain="siteZ")
+
+
 def test_cli_wiring(run, tmp_path):
     from synfoc.cli import main
     Image.fromarray(np.zeros((12, 9), np.uint8)).save(tmp_path / "a.png")

@@ -238,6 +238,55 @@ def test_batchnorm_recalibration_is_the_average_over_training_views():
     assert first_bn.momentum == 0.1 and net.training   # momentum and mode restored
 
 
+def test_domain_statistics_are_each_domains_average_and_swap_back():
+    """Per-domain statistics: the first BatchNorm's running mean for a domain is the mean of its
+    input over that domain's images only (labeled and unlabeled, an independent forward of the
+    first convolution); the model's own statistics are untouched, and
+    ``using_batchnorm_statistics`` normalises with a domain's statistics only within its block."""
+    import copy
+
+    from synfoc.augment import AugmentConfig
+    from synfoc.method.norm import batchnorm_statistics, using_batchnorm_statistics
+    from synfoc.models import build_unet
+    from synfoc.runtime import Runtime
+    from synfoc.views import Arrays, domain_batchnorm_statistics
+
+    torch.manual_seed(0)
+    net = build_unet(1, 2, 4)
+    first = next(name for name, m in net.named_modules() if isinstance(m, torch.nn.BatchNorm2d))
+    first_bn = net.get_submodule(first)
+    first_bn.running_mean.fill_(5.0)
+    dark = torch.randint(0, 100, (12, 1, 32, 32), dtype=torch.uint8)
+    bright = torch.randint(150, 256, (12, 1, 32, 32), dtype=torch.uint8)
+    # labeled: 4 dark; unlabeled: 8 dark and 12 bright, interleaved
+    unlabeled = torch.cat([dark[4:], bright])[torch.tensor([0, 8, 1, 9, 2, 10, 3, 11, 4, 12, 5, 13, 6, 14, 7,
+                                                            15, 16, 17, 18, 19])]
+    names_u = ["dark" if i < 8 else "bright" for i in [0, 8, 1, 9, 2, 10, 3, 11, 4, 12, 5, 13, 6, 14, 7,
+                                                         15, 16, 17, 18, 19]]
+    zeros = lambda n: torch.zeros(n, 32, 32, dtype=torch.uint8)
+    sources = [Arrays({32: dark[:4]}, {32: zeros(4)}), Arrays({32: unlabeled}, {32: zeros(20)})]
+    stats = domain_batchnorm_statistics(net, sources, [["dark"] * 4, names_u], 32, AugmentConfig(p=0.0),
+                                        Runtime(torch.device("cpu"), None), seed=0, batch=4)
+    assert sorted(stats) == ["bright", "dark"]
+    conv = next(m for m in net.modules() if isinstance(m, torch.nn.Conv2d))
+    with torch.no_grad():
+        for domain, imgs in (("dark", dark), ("bright", bright)):
+            torch.testing.assert_close(stats[domain][f"{first}.running_mean"],
+                                       conv(imgs.float() / 255).mean(dim=(0, 2, 3)), rtol=1e-4, atol=1e-5)
+    assert torch.all(first_bn.running_mean == 5.0)        # the model's own statistics are left alone
+    assert set(stats["dark"]) == set(batchnorm_statistics(net))
+
+    net.eval()
+    x = bright[:2].float() / 255
+    reference = copy.deepcopy(net)
+    reference.load_state_dict({**reference.state_dict(), **stats["bright"]})
+    before = net(x)
+    with using_batchnorm_statistics(net, stats["bright"]):
+        torch.testing.assert_close(net(x), reference(x))
+    torch.testing.assert_close(net(x), before)
+    assert not torch.allclose(before, reference(x))
+
+
 def test_baseline_is_trained_beside_and_printed(tmp_path, capsys):
     """``baseline: suponly-unet`` (the demo preset's) trains that method with the same settings into
     RUN/suponly-unet/ and prints its row under the method's."""

@@ -1,6 +1,7 @@
-"""BatchNorm during a training step: the two things a step asks of it beyond a plain forward.
+"""BatchNorm beyond a plain forward: the two things a training step asks of it, and statistics
+swapped in per domain at evaluation.
 
-Both act on any ``torch.nn`` BatchNorm layer, so a model needs no special normalisation class.
+All act on any ``torch.nn`` BatchNorm layer, so a model needs no special normalisation class.
 """
 
 from __future__ import annotations
@@ -54,3 +55,34 @@ def batchnorm_per_part(model: nn.Module, parts: int):
     finally:
         for m in norms:
             del m.forward
+
+
+def batchnorm_statistics(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Copies of the running means and variances of every BatchNorm layer, by buffer name."""
+    names = {name for name, m in model.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)}
+    return {name: buf.detach().clone() for name, buf in model.named_buffers()
+            if name.rpartition(".")[0] in names and name.rpartition(".")[2] in ("running_mean", "running_var")}
+
+
+@contextmanager
+def using_batchnorm_statistics(model: nn.Module, stats: dict[str, torch.Tensor] | None):
+    """Within the block the model's BatchNorm layers normalise (in eval mode) with ``stats`` (as
+    :func:`batchnorm_statistics` returns them); its own statistics are back afterwards. ``None``:
+    the model as it is."""
+    if not stats:
+        yield model
+        return
+    buffers = dict(model.named_buffers())
+    missing = sorted(set(stats) - set(buffers))
+    if missing:
+        raise ValueError(f"BatchNorm statistics for buffers the model does not have: {', '.join(missing[:3])}")
+    saved = {name: buffers[name].detach().clone() for name in stats}
+    try:
+        with torch.no_grad():
+            for name, value in stats.items():
+                buffers[name].copy_(value)
+        yield model
+    finally:
+        with torch.no_grad():
+            for name, value in saved.items():
+                buffers[name].copy_(value)
