@@ -31,3 +31,24 @@ def test_step_time_runs_the_training_iteration_in_its_modes():
         trace = summary[f"{mode}_trace"]
         assert len(trace) == 3  # warm-up + timed iterations, not the FLOP-counting one after them
         assert all(math.isfinite(step["loss"]) for step in trace)
+
+
+def test_input_size_validation_split_is_carved_from_training_data():
+    """The input-size study scores on training images of the labeled domain that follow the labeled
+    ones in name order: they leave the training split, and no test case is left in the index."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from input_size import validation_index
+
+    from synfoc.config import resolve
+    from synfoc.data.source import open_index
+    from synfoc.data.split import split_labeled
+
+    index = open_index(resolve("demo", None, {"synthetic_train": 10, "synthetic_test": 3}))
+    carved = validation_index(index, "siteA", labeled_num=3, val_num=4)
+    names = sorted(c.name for c in index.cases_of("siteA", "train"))
+    assert sorted(c.name for c in carved.cases_of(split="test")) == names[3:7]
+    assert {c.domain for c in carved.cases_of(split="test")} == {"siteA"}
+    assert sorted(c.name for c in carved.cases_of("siteA", "train")) == names[:3] + names[7:]
+    labeled, _ = split_labeled(carved, "siteA", num=3)
+    assert sorted(c.name for c in labeled) == names[:3]     # the same labeled images as without carving
+    assert len(index.cases_of(split="test")) == 9            # the original index is untouched
