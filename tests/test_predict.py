@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import shutil
 from pathlib import Path
 
 import nibabel as nib
@@ -150,6 +151,11 @@ def test_domain_chooses_the_unets_batchnorm_statistics(run, tmp_path):
             torch.testing.assert_close(buffers[key.partition("/")[2]], value)
     with pytest.raises(ValueError, match="not a training domain.*siteA, siteB, siteC"):
         predict.make_predictor(run, device="cpu", domain="siteZ")
+    older = tmp_path / "older"
+    shutil.copytree(run, older)
+    (older / "unet_domains.safetensors").unlink()
+    with pytest.raises(ValueError, match="no per-domain statistics.*unet_domains.safetensors"):
+        predict.make_predictor(older, device="cpu", domain="siteB")
 
 
 def test_cli_wiring(run, tmp_path):
