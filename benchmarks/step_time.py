@@ -264,7 +264,7 @@ def serve(args, mode: str) -> None:
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     print("@@ready", flush=True)
-    times = []
+    times, warmup = [], []
     for line in sys.stdin:
         command, *values = line.split()
         if command == "step":
@@ -273,15 +273,14 @@ def serve(args, mode: str) -> None:
             runner.step(t, total)
             sync(device)
             elapsed = time.perf_counter() - start
-            if timed:
-                times.append(elapsed)
+            (times if timed else warmup).append(elapsed)
             print(f"@@{elapsed}", flush=True)
         elif command == "finish":
             total = int(values[0])
             bf16 = runner.rt.dtype is not None
             # before the FLOP count and the matmul, which add nothing the training loop would hold
             result = {"mode": mode, "device": device_name(device), "device_model": device_description(device),
-                      **spread(times), "times": times, "peak_mb": peak_memory_mb(device),
+                      **spread(times), "times": times, "warmup_times": warmup, "peak_mb": peak_memory_mb(device),
                       "peak_memory_kind": "cuda max_memory_allocated" if device.type == "cuda" else "cpu peak RSS",
                       "precision": "bf16" if bf16 else "fp32", "threads": torch.get_num_threads(),
                       "torch": torch.__version__, "synfoc_file": str(Path(synfoc.__file__).resolve())}
@@ -435,7 +434,8 @@ def run_alternating(argv: list[str], modes: tuple[str, ...], args, codes: dict[s
     return results
 
 
-PER_MODE = ("s_per_iter", "s_min", "s_max", "s_iqr", "times", "peak_mb", "precision", "flops", "tflops_per_s",
+PER_MODE = ("s_per_iter", "s_min", "s_max", "s_iqr", "times", "warmup_times", "peak_mb", "precision", "flops",
+            "tflops_per_s",
             "peak_tflops", "peak_source", "mfu", "commit", "synfoc_file", "trace")
 
 
@@ -542,6 +542,12 @@ def table(summary: dict, args) -> str:
                  f"{summary['batch'][1]}, {summary['iters']} timed iterations, {summary['threads']} threads, "
                  f"{summary.get('device_model', summary['device'])}, torch {summary.get('torch', '?')}, "
                  f"load average {load}")
+    if args.compile:  # torch.compile's cost is paid in the first iterations
+        for mode in MODES:
+            warm = summary.get(f"{mode}_warmup_times")
+            if warm:
+                lines.append(f"{mode_label(mode, summary, args)}: {len(warm)} warm-up iteration(s) took "
+                             f"{sum(warm):.1f} s ({', '.join(f'{w:.1f}' for w in warm)}), compilation included")
     if "accel_speedup" in summary:
         lines.append(f"speed-up of synfoc.accel ({summary['accel_kernels']}) over the plain models: "
                      f"{summary['accel_speedup']:.2f}x (ratio of medians); {summary['accel_paired_speedup']:.2f}x "
