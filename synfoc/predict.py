@@ -446,4 +446,11 @@ def main(args: argparse.Namespace) -> int:
               f"flagged (the students agree below {args.review_threshold})")
     elif args.review is None:
         print(f"no {REVIEW_FILE}: the run has only the {predictor.kind} student")
+    if "unet" in predictor.students and args.domain is None:
+        from synfoc.checkpoint import load_domain_statistics
+        domains = sorted(load_domain_statistics(Path(args.run)))
+        if domains:
+            print(f"the U-Net normalised with the BatchNorm statistics of all training images together; if the "
+                  f"inputs come from one training domain, --domain NAME uses that domain's ({', '.join(domains)}), "
+                  "as the evaluation does")
     return 1 if skipped else 0

@@ -158,12 +158,16 @@ def test_domain_chooses_the_unets_batchnorm_statistics(run, tmp_path):
         predict.make_predictor(older, device="cpu", domain="siteB")
 
 
-def test_cli_wiring(run, tmp_path):
+def test_cli_wiring(run, tmp_path, capsys):
     from synfoc.cli import main
     Image.fromarray(np.zeros((12, 9), np.uint8)).save(tmp_path / "a.png")
     assert main(["predict", "--run", str(run), "--input", str(tmp_path / "a.png"), "--output",
                  str(tmp_path / "o"), "--device", "cpu", "--no-progress"]) == 0
     assert np.asarray(Image.open(tmp_path / "o" / "a.png")).shape == (12, 9)
+    assert "--domain NAME uses that domain's (siteA, siteB, siteC)" in capsys.readouterr().out
+    assert main(["predict", "--run", str(run), "--input", str(tmp_path / "a.png"), "--output",
+                 str(tmp_path / "o2"), "--device", "cpu", "--no-progress", "--domain", "siteA"]) == 0
+    assert "--domain NAME" not in capsys.readouterr().out
 
 
 # ----------------------------------------------------------------------------- NIfTI
