@@ -42,17 +42,27 @@ def stages(model: torch.nn.Module) -> list[str]:
     return names
 
 
-def breakdown(model: torch.nn.Module, channels: int, size: int) -> list[tuple[str, float, bool]]:
-    """(stage, forward GFLOP per image, whether a backward passes through it)."""
+def forward_counts(model: torch.nn.Module, channels: int, size: int) -> dict[str, int]:
+    """FLOPs of one forward of one image, per module name (and "Global": all of them)."""
     with torch.no_grad(), FlopCounterMode(display=False, depth=None) as counter:
         model(torch.rand(1, channels, size, size))
-    counts = {k: sum(v.values()) for k, v in counter.get_flop_counts().items()}
+    return {k: sum(v.values()) for k, v in counter.get_flop_counts().items()}
+
+
+def forward_gflop(model: torch.nn.Module, channels: int, size: int) -> float:
+    return forward_counts(model, channels, size)["Global"] / 1e9
+
+
+def breakdown(model: torch.nn.Module, channels: int, size: int) -> list[tuple[str, float, bool]]:
+    """(stage, forward GFLOP per image, whether a backward passes through it)."""
+    counts = forward_counts(model, channels, size)
     prefix = type(model).__name__
-    first_trainable = next((i for i, name in enumerate(stages(model))
+    names = stages(model)
+    first_trainable = next((i for i, name in enumerate(names)
                             if any(p.requires_grad for n, p in model.named_parameters() if n.startswith(name + "."))),
-                           len(stages(model)))
+                           len(names))
     rows = []
-    for i, name in enumerate(stages(model)):
+    for i, name in enumerate(names):
         # a stage whose blocks are called one by one (synfoc's encoder loops) is no module call of
         # its own: sum its outermost counted submodules instead
         key = f"{prefix}.{name}"

@@ -26,6 +26,7 @@ from unittest import mock
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from flops_breakdown import forward_gflop  # noqa: E402
 from machine import append_csv, device_description, git_describe  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -46,13 +47,6 @@ def validation_index(index, domain: str, labeled_num: int, val_num: int):
     carved.cases = [dataclasses.replace(c, split="test") if id(c) in val else c
                     for c in index.cases if c.split != "test"]
     return carved
-
-
-def forward_gflop(model: torch.nn.Module, channels: int, size: int) -> float:
-    from torch.utils.flop_counter import FlopCounterMode
-    with torch.no_grad(), FlopCounterMode(display=False) as counter:
-        model(torch.rand(1, channels, size, size))
-    return counter.get_total_flops() / 1e9
 
 
 def main() -> None:

@@ -64,12 +64,20 @@ def predict_labels(model: nn.Module, images: torch.Tensor, out_size: int, device
     return torch.cat(preds) if preds else torch.zeros(0, out_size, out_size, dtype=torch.uint8)
 
 
+def predict_domain_labels(kind: str, model: nn.Module, images: torch.Tensor, out_size: int, device, autocast,
+                          domain: str, domain_stats: dict | None) -> torch.Tensor:
+    """:func:`predict_labels` of a student on one domain's images; the U-Net normalises with that
+    domain's BatchNorm statistics where ``domain_stats`` (``unet_domains.safetensors``) has them."""
+    from synfoc.method.norm import using_batchnorm_statistics
+    stats = (domain_stats or {}).get(domain) if kind == "unet" else None
+    with using_batchnorm_statistics(model, stats):
+        return predict_labels(model, images, out_size, device, autocast)
+
+
 def evaluate_students(students: dict[str, nn.Module], index, cfg, device, autocast,
                       progress: bool = False, domain_stats: dict | None = None) -> list[dict]:
     """One row per (student, domain, case, part) with Dice, Jaccard, HD95 and ASD. ``domain_stats``:
     the U-Net's BatchNorm statistics per domain (``unet_domains.safetensors``), used on that domain."""
-    from synfoc.method.norm import using_batchnorm_statistics
-    domain_stats = domain_stats or {}
     from synfoc.data import load_cases
     size = eval_size(cfg)
     rows = []
@@ -85,8 +93,7 @@ def evaluate_students(students: dict[str, nn.Module], index, cfg, device, autoca
         volumes = test_volumes(index, cases) if getattr(index, "volume_metrics", False) else None
         for kind, model in students.items():
             images = loaded.arrays[input_sizes[kind]][0]
-            with using_batchnorm_statistics(model, domain_stats.get(domain) if kind == "unet" else None):
-                pred = predict_labels(model, images, size, device, autocast).numpy()
+            pred = predict_domain_labels(kind, model, images, size, device, autocast, domain, domain_stats).numpy()
             if volumes is not None:
                 rows += volume_rows(kind, domain, volumes, pred, loaded.original_sizes, index.report_parts)
                 continue

@@ -140,8 +140,7 @@ def gallery(run: Path, per_domain: int, device: str = "auto", dataset: str | Non
     """
     from synfoc.checkpoint import load_domain_statistics, load_run
     from synfoc.data import load_cases
-    from synfoc.evaluate import eval_size, predict_labels
-    from synfoc.method.norm import using_batchnorm_statistics
+    from synfoc.evaluate import eval_size, predict_domain_labels
 
     cfg, index, students, rt = load_run(run, dataset=dataset, device=device)
     domain_stats = load_domain_statistics(run)   # as the evaluation used them
@@ -163,8 +162,8 @@ def gallery(run: Path, per_domain: int, device: str = "auto", dataset: str | Non
         predictions = {}
         for kind, model in students.items():
             images = loaded.arrays[sizes[kind]][0][chosen]
-            with using_batchnorm_statistics(model, domain_stats.get(domain) if kind == "unet" else None):
-                predictions[kind] = predict_labels(model, images, size, rt.device, rt.autocast).numpy()
+            predictions[kind] = predict_domain_labels(kind, model, images, size, rt.device, rt.autocast, domain,
+                                                      domain_stats).numpy()
         images = loaded.arrays[size][0][chosen].numpy().transpose(0, 2, 3, 1)
         out["domains"][domain] = [
             {"name": candidates[i].name, "image": images[j], "truth": truth[i],
