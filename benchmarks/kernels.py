@@ -85,6 +85,43 @@ def attention_rows(model, reps: int):
                "vendored", "chosen kernel", times)
 
 
+def folded_rel_pos_sdpa(attn, x: torch.Tensor) -> torch.Tensor:
+    """segment_anything's ``Attention.forward`` (relative positions on) through
+    ``scaled_dot_product_attention``: the decomposed relative-position terms are folded into the
+    query (its per-row and per-column terms appended) and the key (one-hot row and column appended),
+    which gives the same logits without building an N x N bias."""
+    from segment_anything.modeling.image_encoder import get_rel_pos
+    b, h, w, _ = x.shape
+    qkv = attn.qkv(x).reshape(b, h * w, 3, attn.num_heads, -1).permute(2, 0, 3, 1, 4)
+    q, k, v = qkv.reshape(3, b * attn.num_heads, h * w, -1).unbind(0)
+    grid = q.reshape(-1, h, w, q.shape[-1])
+    rows = torch.einsum("bhwc,hkc->bhwk", grid, get_rel_pos(h, h, attn.rel_pos_h)).reshape(q.shape[0], h * w, h)
+    cols = torch.einsum("bhwc,wkc->bhwk", grid, get_rel_pos(w, w, attn.rel_pos_w)).reshape(q.shape[0], h * w, w)
+    one_hot_rows = torch.eye(h, dtype=k.dtype).repeat_interleave(w, 0).expand(k.shape[0], -1, -1)
+    one_hot_cols = torch.eye(w, dtype=k.dtype).repeat(h, 1).expand(k.shape[0], -1, -1)
+    out = F.scaled_dot_product_attention(torch.cat([q * attn.scale, rows, cols], -1),
+                                         torch.cat([k, one_hot_rows, one_hot_cols], -1), v, scale=1.0)
+    return attn.proj(out.view(b, attn.num_heads, h, w, -1).permute(0, 2, 3, 1, 4).reshape(b, h, w, -1))
+
+
+def sam_vit_attention_rows(reps: int):
+    """SAM ViT-B's attention at the paper's 512 input (global over 32x32 tokens, and 14x14 windows),
+    as segment_anything computes it and as :func:`folded_rel_pos_sdpa`."""
+    from segment_anything.modeling.image_encoder import Attention
+
+    for side, batch in ((32, 4), (14, 36)):  # 4 images; 9 padded windows per image
+        attn = Attention(768, 12, use_rel_pos=True, input_size=(side, side))
+        torch.nn.init.normal_(attn.rel_pos_h, std=0.02)
+        torch.nn.init.normal_(attn.rel_pos_w, std=0.02)
+        attn.requires_grad_(False)   # frozen base; the gradient flows to the input (LoRA sits in qkv)
+        x = torch.randn(batch, side, side, 768, requires_grad=True)
+        for dtype in (torch.float32, BF16):
+            with torch.autocast("cpu", dtype=BF16, enabled=dtype == BF16):
+                times = timed_pair(fwd_bwd(attn, x), fwd_bwd(lambda y: folded_rel_pos_sdpa(attn, y), x), reps)
+            yield (f"SAM ViT-B attention, {batch} x {side}x{side} tokens, {str(dtype)[6:]}, fwd+bwd", "segment_anything",
+                   "SDPA, rel-pos folded into q and k", times)
+
+
 def accel_rows(model, reps: int):
     norm = model.mask_decoder.output_upscaling[1]          # LayerNorm2d after the first 2x upsampling
     fast = _accelerated(norm, "channel_layer_norm")
@@ -161,16 +198,21 @@ def small_rows(reps: int):
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--reps", type=int, default=7)
+    parser.add_argument("--only", choices=["sam_vit_attention"], help="time only these rows")
     args = parser.parse_args()
     keep_freed_memory()  # as synfoc train does on the CPU: every kernel below runs on reused memory
     print("| operation | before | ms | after | ms | speed-up |\n|---|---|---:|---|---:|---:|")
 
     def row(name, before, after, times):
         print(f"| {name} | {before} | {times[0]:.1f} | {after} | {times[1]:.1f} | {times[0] / times[1]:.2f}x |", flush=True)
+    if args.only == "sam_vit_attention":
+        for r in sam_vit_attention_rows(args.reps):
+            row(*r)
+        return
     # LiteMedSAM at 256 in the training loop's layout (channels_last under bf16); the encoder stays in eval mode
     model = build_foundation_model("litemedsam", 1, image_size=256).train().to(memory_format=torch.channels_last)
     for rows in (frozen_stage_rows(model, args.reps), attention_rows(model, args.reps), accel_rows(model, args.reps),
-                 small_rows(args.reps)):
+                 sam_vit_attention_rows(args.reps), small_rows(args.reps)):
         for r in rows:
             row(*r)
 

@@ -1,0 +1,85 @@
+"""The training curves of the BUSI protocol's mean-teacher runs, phase by phase, for every seed.
+
+Reads the committed ``history.jsonl`` files under ``benchmarks/results/busi/<method>/<domain>/seed<N>/``
+(nothing is trained or evaluated) and prints one markdown table per quantity: rows are runs, columns
+are phases of the 1,000-iteration schedule, each cell the mean over the 10-iteration log windows of
+that phase. Also writes every cell to ``curves.csv`` beside the runs.
+
+    python benchmarks/busi/curves.py [RESULTS_DIR]
+
+The quantities are the ones SynFoC logs per step (``synfoc/method/synfoc.py``):
+- ``confident_foreground``: of the pixels whose teacher confidence passes the threshold, the
+  fraction labeled lesion — the lesion signal the masked unsupervised loss carries;
+- ``confident_fraction``: the fraction of pixels that pass the threshold;
+- ``alpha_p50``: the median over instances of SMC's alpha (1: the U-Net teacher is trusted);
+- ``teachers_both_empty``: instances where both teachers predict no lesion (alpha 1 by rule);
+- ``pseudo_dice_*``: each teacher's pseudo-label Dice against the hidden labels of the unlabeled batch.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import sys
+from pathlib import Path
+
+PHASES = [(1, 100), (101, 300), (301, 600), (601, 800), (801, 1000)]
+METHODS = ["base-unet", "base-foundation", "synfoc"]
+QUANTITIES = ["confident_foreground", "confident_fraction", "alpha_p50", "teachers_both_empty",
+              "pseudo_dice_unet", "pseudo_dice_foundation", "pseudo_dice_ensemble"]
+
+
+def phase_means(history: Path, key: str) -> list[float | None]:
+    """Mean of ``key`` over the log rows whose step falls in each phase (None where absent)."""
+    rows = [json.loads(line) for line in history.read_text().splitlines() if line.strip()]
+    out = []
+    for lo, hi in PHASES:
+        values = [r[key] for r in rows if lo <= r.get("step", -1) <= hi and r.get(key) is not None]
+        out.append(sum(values) / len(values) if values else None)
+    return out
+
+
+def runs(results: Path) -> list[tuple[str, str, str, Path]]:
+    found = []
+    for method in METHODS:
+        for history in sorted(results.glob(f"{method}/*/seed*/history.jsonl")):
+            seed_dir = history.parent
+            found.append((method, seed_dir.parent.name, seed_dir.name.removeprefix("seed"), history))
+    return found
+
+
+def main(argv: list[str]) -> int:
+    results = Path(argv[0]) if argv else Path(__file__).resolve().parents[1] / "results" / "busi"
+    if not results.is_dir():
+        print(f"no results folder at {results}", file=sys.stderr)
+        return 2
+    found = runs(results)
+    if not found:
+        print(f"no history.jsonl of {', '.join(METHODS)} under {results}", file=sys.stderr)
+        return 2
+    header = "| method | labeled | seed | " + " | ".join(f"{lo}-{hi}" for lo, hi in PHASES) + " |"
+    rule = "|---|---|---|" + "---:|" * len(PHASES)
+    table = []
+    for key in QUANTITIES:
+        lines = []
+        for method, domain, seed, history in found:
+            means = phase_means(history, key)
+            if all(m is None for m in means):
+                continue
+            table.append({"quantity": key, "method": method, "labeled": domain, "seed": seed,
+                          **{f"{lo}-{hi}": "" if m is None else f"{m:.4f}"
+                             for (lo, hi), m in zip(PHASES, means)}})
+            cells = " | ".join("-" if m is None else f"{m:.3f}" for m in means)
+            lines.append(f"| {method} | {domain} | {seed} | {cells} |")
+        if lines:
+            print(f"\n### {key} (iterations)\n\n{header}\n{rule}")
+            print("\n".join(lines))
+    with open(results / "curves.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(table[0]))
+        writer.writeheader()
+        writer.writerows(table)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main(sys.argv[1:]))
