@@ -243,6 +243,23 @@ def count_flops(runner, t: int, total: int) -> int:
     return counter.get_total_flops()
 
 
+def profile_step(runner, t: int, total: int, rows: int) -> list[dict]:
+    """One more iteration under ``torch.profiler``: the ``rows`` operators with the most self time
+    (milliseconds, share of the iteration's self time, calls), to see where a step's time goes."""
+    from torch.profiler import ProfilerActivity, profile
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if runner.device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        runner.step(t, total)
+        sync(runner.device)
+    events = prof.key_averages()
+    device = runner.device.type == "cuda"
+    def self_us(e):
+        return e.self_device_time_total if device else e.self_cpu_time_total
+    whole = sum(self_us(e) for e in events) or 1
+    top = sorted(events, key=self_us, reverse=True)[:rows]
+    return [{"op": e.key, "self_ms": self_us(e) / 1000, "share": self_us(e) / whole, "calls": e.count} for e in top]
+
+
 def spread(times: list[float]) -> dict:
     """Median, min, max and interquartile range of the timed iterations."""
     q1, _, q3 = statistics.quantiles(times, n=4, method="inclusive") if len(times) > 1 else (times[0],) * 3
@@ -286,6 +303,8 @@ def serve(args, mode: str) -> None:
                       "torch": torch.__version__, "synfoc_file": str(Path(synfoc.__file__).resolve())}
             if runner.trace is not None:
                 result["trace"] = list(runner.trace)  # not the FLOP-counting iteration's
+            if args.profile:
+                result["profile"] = profile_step(runner, total, total + 1, args.profile)
             if args.flops:
                 result["flops"] = count_flops(runner, total, total + 1)
                 result["tflops_per_s"] = result["flops"] / result["s_per_iter"] / 1e12
@@ -346,6 +365,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     p.add_argument("--seed", type=int, default=1337)
     p.add_argument("--trace", action="store_true", help="record every iteration's losses (adds host reads)")
+    p.add_argument("--profile", type=int, default=0, metavar="N",
+                   help="after the timed iterations, profile one more and print its N costliest operators")
     p.add_argument("--flops", action="store_true", default=True, help="count the FLOPs of one iteration (the default)")
     p.add_argument("--no-flops", dest="flops", action="store_false", help="skip the FLOP count (and the MFU)")
     p.add_argument("--peak-tflops", type=float,
@@ -436,7 +457,7 @@ def run_alternating(argv: list[str], modes: tuple[str, ...], args, codes: dict[s
 
 PER_MODE = ("s_per_iter", "s_min", "s_max", "s_iqr", "times", "warmup_times", "peak_mb", "precision", "flops",
             "tflops_per_s",
-            "peak_tflops", "peak_source", "mfu", "commit", "synfoc_file", "trace")
+            "peak_tflops", "peak_source", "mfu", "commit", "synfoc_file", "trace", "profile")
 
 
 def summarise(results: dict[str, dict], args) -> dict:
@@ -594,6 +615,12 @@ def main(argv: list[str] | None = None) -> int:
     if not args.no_csv:
         append_csv(args.csv, CSV_COLUMNS, csv_rows(summary, args))
     print(json.dumps(summary) if args.json else table(summary, args))
+    if args.profile and not args.json:
+        for mode in modes:
+            print(f"\n{mode}: the {args.profile} operators with the most self time in one iteration\n\n"
+                  "| operator | self ms | share | calls |\n|---|---:|---:|---:|")
+            for r in summary.get(f"{mode}_profile") or []:
+                print(f"| {r['op']} | {r['self_ms']:.0f} | {100 * r['share']:.1f}% | {r['calls']} |")
     return 0
 
 
