@@ -1,4 +1,5 @@
-"""The training curves of the BUSI protocol's mean-teacher runs, phase by phase, for every seed.
+"""The training curves of the BUSI protocol's mean-teacher runs, phase by phase, for every seed,
+and the wall time of every run.
 
 Reads the committed ``history.jsonl`` files under ``benchmarks/results/busi/<method>/<domain>/seed<N>/``
 (nothing is trained or evaluated) and prints one markdown table per quantity: rows are runs, columns
@@ -6,6 +7,10 @@ are phases of the 1,000-iteration schedule, each cell the mean over the 10-itera
 that phase. Also writes every cell to ``curves.csv`` beside the runs.
 
     python benchmarks/busi/curves.py [RESULTS_DIR]
+
+The wall time is the sum of the logged ``time`` increments of each run (seconds of training; where a
+resume restarted the clock, the count restarts from 0), with the threads and commit of each session
+from ``environment.jsonl``.
 
 The quantities are the ones SynFoC logs per step (``synfoc/method/synfoc.py``):
 - ``confident_foreground``: of the pixels whose teacher confidence passes the threshold, the
@@ -39,6 +44,25 @@ def phase_means(history: Path, key: str) -> list[float | None]:
     return out
 
 
+def wall_times(results: Path) -> list[str]:
+    """One markdown row per run: method, labeled domain, seed, seconds, sessions' threads and commits."""
+    lines = []
+    for history in sorted(results.glob("*/*/seed*/history.jsonl")):
+        rows = [json.loads(line) for line in history.read_text().splitlines() if line.strip()]
+        sessions = [json.loads(line) for line in (history.parent / "environment.jsonl").read_text().splitlines()
+                    if line.strip()] if (history.parent / "environment.jsonl").is_file() else []
+        total, previous = 0.0, 0.0
+        for r in rows:
+            total += r["time"] - previous if r["time"] >= previous else r["time"]
+            previous = r["time"]
+        threads = "+".join(str(e.get("threads", "?")) for e in sessions) or "?"
+        commits = ", ".join(sorted({str(e.get("synfoc_commit", "?"))[:7] for e in sessions})) or "?"
+        run = history.parent
+        lines.append(f"| {run.parent.parent.name} | {run.parent.name} | {run.name.removeprefix('seed')} | "
+                     f"{total:.0f} | {threads} | {commits} |")
+    return lines
+
+
 def runs(results: Path) -> list[tuple[str, str, str, Path]]:
     found = []
     for method in METHODS:
@@ -57,6 +81,9 @@ def main(argv: list[str]) -> int:
     if not found:
         print(f"no history.jsonl of {', '.join(METHODS)} under {results}", file=sys.stderr)
         return 2
+    print("### wall time of each run\n\n| method | labeled | seed | seconds | threads (per session) | commit |\n"
+          "|---|---|---|---:|---|---|")
+    print("\n".join(wall_times(results)))
     header = "| method | labeled | seed | " + " | ".join(f"{lo}-{hi}" for lo, hi in PHASES) + " |"
     rule = "|---|---|---|" + "---:|" * len(PHASES)
     table = []
