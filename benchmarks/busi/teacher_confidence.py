@@ -14,7 +14,10 @@ prints, against the hidden labels:
 
     python benchmarks/busi/teacher_confidence.py RUN [RUN ...] [--thresholds 0.95,0.9,0.8,0.7]
 
-The first line per run gives the true lesion fraction of the images, for scale.
+The first line per run gives the true lesion fraction of the images, for scale; then, per
+pseudo-label, quantiles of its lesion probability on the true lesion pixels, and for the U-Net
+teacher the lesion probability its 1x1 head gives when every (ReLU) feature before it is 0 (the
+bias alone): where the U-Net encodes lesion by silencing those features, that is its ceiling.
 """
 
 from __future__ import annotations
@@ -107,6 +110,17 @@ def main() -> None:
             probs["SMC ensemble"] = ensemble(p_ut, p_ms, alpha)
             print(f"  alpha over images: p10 {alpha.quantile(0.1):.2f}  p50 {alpha.median():.2f}  "
                   f"p90 {alpha.quantile(0.9):.2f}")
+        for name, p in probs.items():
+            on_lesion = 1 - p[:, 0][truth > 0]   # the probability of not-background on true lesion pixels
+            q = torch.quantile(on_lesion[torch.randperm(len(on_lesion), generator=torch.Generator().manual_seed(0))[:100000]],
+                               torch.tensor([0.5, 0.9, 0.99]))
+            print(f"  {name}: lesion probability on true lesion pixels p50 {q[0]:.3f}  p90 {q[1]:.3f}  "
+                  f"p99 {q[2]:.3f}  max {on_lesion.max():.3f}")
+        if "unet" in teachers and index.num_classes == 1:
+            # ReLU features feed the 1x1 head: with every feature at 0 the logits are the head's bias
+            bias = teachers["unet"].head.bias.detach()
+            print(f"  U-Net teacher: lesion probability with all last-layer features 0 (head bias only) "
+                  f"{torch.softmax(bias, 0)[1]:.3f}")
         print(f"  {'pseudo-label':<20} {'threshold':>9} {'confident':>9} {'lesion share':>12} "
               f"{'lesion recall':>13} {'lesion precision':>16}")
         for name, p in probs.items():
