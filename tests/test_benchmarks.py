@@ -11,6 +11,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 # U-Net width 4 at 32 and LiteMedSAM at 64, one iteration: the smallest step that runs every path
@@ -76,3 +78,33 @@ def test_folded_rel_pos_sdpa_is_segment_anythings_attention():
     with torch.no_grad():
         attn.rel_pos_h.zero_()
     assert (folded_rel_pos_sdpa(attn, x) - y_ref).abs().max() > 1e-2
+
+
+def test_teacher_confidence_rows_count_against_the_hidden_labels():
+    """The BUSI diagnosis's numbers: confident share, lesion share, recall and precision of confident
+    lesion labels, checked against counts made by hand on a 1x1x2x3 map."""
+    import torch
+    sys.path.insert(0, str(ROOT / "benchmarks" / "busi"))
+    from teacher_confidence import confidence_rows
+    lesion_p = torch.tensor([[0.99, 0.97, 0.60], [0.02, 0.96, 0.01]])   # P(lesion) per pixel
+    p = torch.stack([1 - lesion_p, lesion_p])[None]                    # (1, 2, 2, 3)
+    truth = torch.tensor([[[1, 1, 1], [0, 0, 0]]])
+    row, = confidence_rows(p, truth, [0.95])
+    # confident: 0.99, 0.97, 0.02 (bg 0.98), 0.96, 0.01 (bg 0.99) -> 5 of 6; lesion among them: 3
+    assert row["confident"] == pytest.approx(5 / 6)
+    assert row["lesion share"] == pytest.approx(3 / 5)
+    assert row["lesion recall"] == pytest.approx(2 / 3)         # true lesions 3; confident lesion labels on them: 2
+    assert row["lesion precision"] == pytest.approx(2 / 3)      # confident lesion labels 3, of which 2 true
+
+
+def test_curves_phase_means_average_the_log_rows_of_each_phase(tmp_path):
+    sys.path.insert(0, str(ROOT / "benchmarks" / "busi"))
+    from curves import PHASES, phase_means
+    history = tmp_path / "history.jsonl"
+    rows = [{"step": s, "x": float(s)} for s in range(10, 1001, 10)] + [{"step": 1000, "y": 1.0}]
+    history.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    means = phase_means(history, "x")
+    for (lo, hi), m in zip(PHASES, means):
+        steps = [s for s in range(10, 1001, 10) if lo <= s <= hi]
+        assert m == sum(steps) / len(steps)
+    assert phase_means(history, "y") == [None] * (len(PHASES) - 1) + [1.0]
