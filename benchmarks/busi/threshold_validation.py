@@ -1,0 +1,102 @@
+"""Choose the pseudo-label confidence threshold for the BUSI CPU protocol on a validation split.
+
+At 1,000 iterations the confident pseudo-labels of the paper's threshold (0.95) carry almost no
+lesion (benchmarks/results/busi/README.md). Whether a lower threshold serves the short schedule is
+a hyperparameter choice, so it is made on a **validation split carved from the labeled domain's
+training images**, never on the test set: the ``--val-num`` training images that follow the
+labeled ones in name order leave the training split (neither labeled nor unlabeled) and replace
+the test split (``input_size.validation_index``). Every method that uses the threshold is trained
+at every threshold with the protocol's settings; one threshold is then chosen for all of them: the
+one with the highest validation Dice averaged over the methods' students.
+
+    python benchmarks/busi/threshold_validation.py --dataset ../shared/data/busi \\
+        --thresholds 0.95,0.9,0.8 --methods base-unet,base-foundation,synfoc
+
+Runs go to ``--out/<method>/t<threshold>/`` and resume where they stopped. Prints a table and
+appends one CSV row per run trained and student to ``benchmarks/results/busi/threshold_validation.csv``
+(``train_s``: the seconds of this call, so a resumed run's earlier part is not in it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from unittest import mock
+
+import torch
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))
+from input_size import validation_index  # noqa: E402
+from machine import append_csv, device_description, git_describe  # noqa: E402
+
+CSV = HERE.parent / "results" / "busi" / "threshold_validation.csv"
+CSV_COLUMNS = ("commit", "torch", "device", "threads", "method", "student", "threshold", "domain", "labeled",
+               "validation", "seed", "iters", "val_dice", "val_hd95", "train_s")
+# The CPU protocol of benchmarks/busi/run_protocol.sh, less the split (labeled_num instead of the
+# ratio: the carved-out validation images would otherwise shrink the labeled set).
+PROTOCOL = {"iters": 1000, "unet_size": 128, "unet_width": 16, "foundation": "litemedsam", "image_size": 128,
+            "batch_labeled": 2, "batch_unlabeled": 2}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--dataset", default="../shared/data/busi")
+    ap.add_argument("--labeled-domain", default="benign")
+    ap.add_argument("--labeled-num", type=int, default=64)
+    ap.add_argument("--val-num", type=int, default=64)
+    ap.add_argument("--thresholds", default="0.95,0.9,0.8")
+    ap.add_argument("--methods", default="base-unet,base-foundation,synfoc")
+    ap.add_argument("--iters", type=int, default=PROTOCOL["iters"])
+    ap.add_argument("--seed", type=int, default=1337)
+    ap.add_argument("--out", default="runs/threshold_validation")
+    ap.add_argument("--csv", default=str(CSV))
+    args = ap.parse_args()
+
+    import synfoc.train
+    from synfoc.config import resolve
+    from synfoc.data.source import open_index
+
+    thresholds = [float(t) for t in args.thresholds.split(",")]
+    rows = []
+    for method in args.methods.split(","):
+        for threshold in thresholds:
+            cfg = resolve("busi", None, {
+                **PROTOCOL, "dataset": args.dataset, "labeled_domain": args.labeled_domain,
+                "labeled_num": args.labeled_num, "method": method, "threshold": threshold, "iters": args.iters,
+                "seed": args.seed, "test_domains": [args.labeled_domain], "baseline": None})
+            carved = validation_index(open_index(cfg), args.labeled_domain, args.labeled_num, args.val_num)
+            out = Path(args.out) / method / f"t{threshold:g}"
+            start = time.time()
+            finished = (out / "summary.json").is_file()
+            if finished:   # in an earlier call, which wrote its CSV rows
+                summary = json.loads((out / "summary.json").read_text())
+            else:
+                with mock.patch.object(synfoc.train, "open_index", lambda _cfg: carved):
+                    summary = synfoc.train.train(cfg, out, resume=(out / "checkpoint.pt").is_file(), progress=False)
+            seconds = time.time() - start
+            for student, result in summary["students"].items():
+                mean = result["mean"]
+                rows.append({"commit": git_describe(HERE.parent.parent), "torch": torch.__version__,
+                             "device": device_description(torch.device("cpu")), "threads": torch.get_num_threads(),
+                             "method": method, "student": student, "threshold": threshold,
+                             "domain": args.labeled_domain, "labeled": args.labeled_num, "validation": args.val_num,
+                             "seed": args.seed, "iters": args.iters, "val_dice": round(100 * mean["dice"], 2),
+                             "val_hd95": round(mean["hd95"], 2), "train_s": round(seconds, 1)})
+                print(f"{method} {student} threshold {threshold:g}: validation Dice {rows[-1]['val_dice']:.2f}",
+                      flush=True)
+                if not finished:
+                    append_csv(Path(args.csv), CSV_COLUMNS, [rows[-1]])
+    print("\n| threshold | " + " | ".join(f"{r['method']} {r['student']}" for r in rows if r["threshold"] == thresholds[0])
+          + " | mean |")
+    print("|---:|" + "---:|" * (1 + sum(r["threshold"] == thresholds[0] for r in rows)))
+    for t in thresholds:
+        dice = [r["val_dice"] for r in rows if r["threshold"] == t]
+        print(f"| {t:g} | " + " | ".join(f"{d:.2f}" for d in dice) + f" | {sum(dice) / len(dice):.2f} |")
+
+
+if __name__ == "__main__":
+    main()
