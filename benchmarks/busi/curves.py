@@ -34,9 +34,13 @@ QUANTITIES = ["confident_foreground", "confident_fraction", "alpha_p50", "teache
               "pseudo_dice_unet", "pseudo_dice_foundation", "pseudo_dice_ensemble"]
 
 
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
+
+
 def phase_means(history: Path, key: str) -> list[float | None]:
     """Mean of ``key`` over the log rows whose step falls in each phase (None where absent)."""
-    rows = [json.loads(line) for line in history.read_text().splitlines() if line.strip()]
+    rows = read_jsonl(history)
     out = []
     for lo, hi in PHASES:
         values = [r[key] for r in rows if lo <= r.get("step", -1) <= hi and r.get(key) is not None]
@@ -48,9 +52,7 @@ def wall_times(results: Path) -> list[str]:
     """One markdown row per run: method, labeled domain, seed, seconds, sessions' threads and commits."""
     lines = []
     for history in sorted(results.glob("*/*/seed*/history.jsonl")):
-        rows = [json.loads(line) for line in history.read_text().splitlines() if line.strip()]
-        sessions = [json.loads(line) for line in (history.parent / "environment.jsonl").read_text().splitlines()
-                    if line.strip()] if (history.parent / "environment.jsonl").is_file() else []
+        rows, sessions = read_jsonl(history), read_jsonl(history.parent / "environment.jsonl")
         total, previous = 0.0, 0.0
         for r in rows:
             total += r["time"] - previous if r["time"] >= previous else r["time"]
