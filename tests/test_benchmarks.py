@@ -22,7 +22,7 @@ TINY = ["--config", "demo", "--image-size", "64", "--unet-size", "32", "--unet-w
 
 def test_step_time_runs_the_training_iteration_in_its_modes():
     cmd = [sys.executable, str(ROOT / "benchmarks" / "step_time.py"), *TINY, "--with-system-malloc", "--with-no-accel",
-           "--iters", "2", "--warmup", "1", "--trace", "--no-csv", "--json"]
+           "--iters", "2", "--warmup", "1", "--trace", "--profile", "3", "--no-csv", "--json"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = json.loads(proc.stdout.strip().splitlines()[-1])
@@ -33,6 +33,9 @@ def test_step_time_runs_the_training_iteration_in_its_modes():
         trace = summary[f"{mode}_trace"]
         assert len(trace) == 3  # warm-up + timed iterations, not the FLOP-counting one after them
         assert all(math.isfinite(step["loss"]) for step in trace)
+        profile = summary[f"{mode}_profile"]   # the costliest operators of one more iteration, costliest first
+        assert len(profile) == 3 and profile[0]["self_ms"] >= profile[-1]["self_ms"] > 0
+        assert all(0 < r["share"] <= 1 and r["calls"] >= 1 for r in profile)
 
 
 def test_input_size_validation_split_is_carved_from_training_data():
