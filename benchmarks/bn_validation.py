@@ -42,6 +42,12 @@ def with_statistics_of(model: torch.nn.Module, images: torch.Tensor) -> torch.nn
     return model.eval()
 
 
+def unlabeled_training_cases(run: Path, index) -> list:
+    """The run's unlabeled training cases (``unlabeled.txt``), in the index's domain order."""
+    unlabeled = set((run / "unlabeled.txt").read_text().splitlines())
+    return [c for d in index.domains for c in index.cases_of(d, "train") if f"{c.domain}/{c.name}" in unlabeled]
+
+
 def main(runs: list[str]) -> None:
     from synfoc.checkpoint import load_run
     from synfoc.data import load_cases
@@ -53,10 +59,10 @@ def main(runs: list[str]) -> None:
         running.load_state_dict(torch.load(run / "checkpoint.pt", map_location="cpu", weights_only=False)
                                 ["students"]["unet"])
         running.eval()
-        unlabeled = set((run / "unlabeled.txt").read_text().splitlines())
+        unlabeled = unlabeled_training_cases(run, index)
         size = cfg.unet_size
         for domain in index.domains:
-            cases = [c for c in index.cases_of(domain, "train") if f"{c.domain}/{c.name}" in unlabeled]
+            cases = [c for c in unlabeled if c.domain == domain]
             if len(cases) < 4:
                 continue
             images, labels = load_cases(index, cases, [size]).arrays[size]

@@ -24,9 +24,13 @@ from __future__ import annotations
 
 import argparse
 import copy
+import sys
 from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bn_validation import unlabeled_training_cases  # noqa: E402
 
 THRESHOLDS = "0.95,0.9,0.8,0.7"
 
@@ -85,8 +89,7 @@ def main() -> None:
         cfg, index, students, _ = load_run(run, device="cpu")
         state = torch.load(ckpt, map_location="cpu", weights_only=False)
         teachers = {k: with_state(m, state["teachers"][k]) for k, m in students.items()}
-        unlabeled = set((run / "unlabeled.txt").read_text().splitlines())
-        cases = [c for d in index.domains for c in index.cases_of(d, "train") if f"{c.domain}/{c.name}" in unlabeled]
+        cases = unlabeled_training_cases(run, index)
         size = cfg.unet_size
         loaded = load_cases(index, cases, [size, cfg.image_size], progress=False)
         # the unlabeled batches of training: ``batch_unlabeled`` images drawn in a shuffled order
