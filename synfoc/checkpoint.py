@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from synfoc.config import TrainConfig
+from synfoc.data.split import SPLIT_FILES, read_split
 from synfoc.errors import TrainingError, os_error_message, torch_load_reason
 from synfoc.runtime import unwrap
 
@@ -175,11 +176,10 @@ def trim_history(path: Path, step: int, elapsed: float | None) -> float:
 def check_same_split(run: Path, dataset: str, labeled, unlabeled) -> None:
     """A resumed run must see the training cases it started with (``labeled.txt``,
     ``unlabeled.txt``), by name: moved data is fine, other data is refused."""
-    for name, cases in (("labeled.txt", labeled), ("unlabeled.txt", unlabeled)):
-        path = run / name
-        if not path.is_file():
+    for name, before, cases in zip(SPLIT_FILES, read_split(run), (labeled, unlabeled)):
+        if before is None:
             continue
-        before = [line for line in path.read_text().splitlines() if line]
+        path = run / name
         now = [f"{c.domain}/{c.name}" for c in cases]
         if before != now:
             missing = [n for n in before if n not in set(now)]
@@ -239,8 +239,7 @@ def check_run_cases(run: Path, index, dataset: str) -> None:
     """Data given with ``--dataset`` for a run must hold the run's training cases (by domain and
     name, from ``labeled.txt`` / ``unlabeled.txt``): moved data passes, other data is refused."""
     names = {f"{c.domain}/{c.name}" for c in index.cases_of(split="train")}
-    wanted = [line for f in ("labeled.txt", "unlabeled.txt") if (run / f).is_file()
-              for line in (run / f).read_text().splitlines() if line]
+    wanted = [line for part in read_split(run) if part for line in part]
     missing = [n for n in wanted if n not in names]
     if missing:
         raise ValueError(f"--dataset {dataset} is not the data of {run}: {len(missing)} of its {len(wanted)} "

@@ -17,7 +17,7 @@ from PIL import Image
 
 from synfoc.data import (DataError, check_dataset, load_cases, open_dataset, resize_image,
                          resize_label, split_labeled)
-from synfoc.data.split import write_split
+from synfoc.data.split import read_split, write_split
 
 from builders import (BUSI, NIFTI_AFFINE, SAMPLES, make_busi, make_folder, make_folder_nifti, make_fundus, make_mnms,
                       make_nifti, make_prostate, need, raw)
@@ -268,6 +268,11 @@ def test_split_labeled_first_n_sorted_and_rest_unlabeled(tmp_path):
     paths = write_split(tmp_path / "run", labeled, unlabeled)
     assert paths[0].read_text().splitlines() == [f"benign/{n}" for n in train_names[:3]]
     assert len(paths[1].read_text().splitlines()) == len(unlabeled)
+    # read back in the written order; a run without its unlabeled file gives None for it
+    assert read_split(tmp_path / "run") == ([f"benign/{n}" for n in train_names[:3]],
+                                            [f"{c.domain}/{c.name}" for c in unlabeled])
+    paths[1].unlink()
+    assert read_split(tmp_path / "run")[1] is None
 
 
 def test_split_labeled_errors(tmp_path):

@@ -10,12 +10,12 @@ from synfoc.data.base import Case, DataError, DatasetIndex, Problem, Sample
 from synfoc.data.cache import LoadedCases, load_cases, resize_image, resize_label
 from synfoc.data.check import check_dataset, data_check_main, drop_bad
 from synfoc.data.formats import FORMATS, detect_format, open_dataset
-from synfoc.data.split import check_domains, split_labeled, write_split
+from synfoc.data.split import check_domains, read_split, split_labeled, write_split
 
 __all__ = [
     "Case", "DataError", "DatasetIndex", "Problem", "Sample",
     "FORMATS", "detect_format", "open_dataset",
     "check_dataset", "data_check_main", "drop_bad",
-    "check_domains", "split_labeled", "write_split",
+    "check_domains", "read_split", "split_labeled", "write_split",
     "LoadedCases", "load_cases", "resize_image", "resize_label",
 ]

@@ -99,11 +99,22 @@ def split_labeled(index: DatasetIndex, labeled_domain: str, num: int | None = No
     return labeled, unlabeled
 
 
+SPLIT_FILES = ("labeled.txt", "unlabeled.txt")
+
+
 def write_split(run_dir: str | Path, labeled: list[Case], unlabeled: list[Case]) -> tuple[Path, Path]:
     """Write ``labeled.txt`` and ``unlabeled.txt`` (one ``domain/name`` per line) into ``run_dir``."""
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    paths = (run_dir / "labeled.txt", run_dir / "unlabeled.txt")
+    paths = tuple(run_dir / f for f in SPLIT_FILES)
     for path, cases in zip(paths, (labeled, unlabeled)):
         path.write_text("".join(f"{c.domain}/{c.name}\n" for c in cases))
     return paths
+
+
+def read_split(run_dir: str | Path) -> tuple[list[str] | None, list[str] | None]:
+    """The ``domain/name`` lines of a run's ``labeled.txt`` and ``unlabeled.txt`` (what
+    :func:`write_split` wrote), in file order; None for a file the run does not have."""
+    run_dir = Path(run_dir)
+    return tuple([line for line in (run_dir / f).read_text().splitlines() if line]
+                 if (run_dir / f).is_file() else None for f in SPLIT_FILES)
