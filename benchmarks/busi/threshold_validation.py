@@ -12,6 +12,9 @@ one with the highest validation Dice averaged over the methods' students.
     python benchmarks/busi/threshold_validation.py --dataset ../shared/data/busi \\
         --thresholds 0.95,0.9,0.8 --methods base-unet,base-foundation,synfoc
 
+The same split checks a longer schedule (``--iters 2000``, another ``--out``) and methods without
+a threshold (``suponly-unet``: its rows carry the threshold it ignores).
+
 Runs go to ``--out/<method>/t<threshold>/`` and resume where they stopped. Prints a table and
 appends one CSV row per run trained and student to ``benchmarks/results/busi/threshold_validation.csv``
 (``train_s``: the seconds of this call, so a resumed run's earlier part is not in it).
