@@ -44,12 +44,12 @@ def with_statistics_of(model: torch.nn.Module, images: torch.Tensor) -> torch.nn
 
 def unlabeled_training_cases(run: Path, index) -> list:
     """The run's unlabeled training cases (``unlabeled.txt``), in the index's domain order."""
-    from synfoc.data import read_split
-    unlabeled = read_split(run)[1]
-    if unlabeled is None:
+    from synfoc.data.split import read_split, split_key
+    listed = read_split(run)[1]
+    if listed is None:
         raise FileNotFoundError(f"{run / 'unlabeled.txt'} is missing: not a synfoc run folder")
-    unlabeled = set(unlabeled)
-    return [c for d in index.domains for c in index.cases_of(d, "train") if f"{c.domain}/{c.name}" in unlabeled]
+    unlabeled = set(listed)
+    return [c for d in index.domains for c in index.cases_of(d, "train") if split_key(c) in unlabeled]
 
 
 def main(runs: list[str]) -> None:

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from synfoc.config import TrainConfig
-from synfoc.data.split import SPLIT_FILES, read_split
+from synfoc.data.split import SPLIT_FILES, read_split, split_key
 from synfoc.errors import TrainingError, os_error_message, torch_load_reason
 from synfoc.runtime import unwrap
 
@@ -180,10 +180,11 @@ def check_same_split(run: Path, dataset: str, labeled, unlabeled) -> None:
         if before is None:
             continue
         path = run / name
-        now = [f"{c.domain}/{c.name}" for c in cases]
+        now = [split_key(c) for c in cases]
         if before != now:
-            missing = [n for n in before if n not in set(now)]
-            extra = [n for n in now if n not in set(before)]
+            now_set, before_set = set(now), set(before)
+            missing = [n for n in before if n not in now_set]
+            extra = [n for n in now if n not in before_set]
             detail = ", ".join(filter(None, [
                 f"{len(missing)} of its cases missing (e.g. {', '.join(missing[:3])})" if missing else "",
                 f"{len(extra)} other cases (e.g. {', '.join(extra[:3])})" if extra else "",
@@ -238,7 +239,7 @@ def load_run(run: Path, dataset: str | None = None, weights_dir: Path | None = N
 def check_run_cases(run: Path, index, dataset: str) -> None:
     """Data given with ``--dataset`` for a run must hold the run's training cases (by domain and
     name, from ``labeled.txt`` / ``unlabeled.txt``): moved data passes, other data is refused."""
-    names = {f"{c.domain}/{c.name}" for c in index.cases_of(split="train")}
+    names = {split_key(c) for c in index.cases_of(split="train")}
     wanted = [line for part in read_split(run) if part for line in part]
     missing = [n for n in wanted if n not in names]
     if missing:

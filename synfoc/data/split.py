@@ -102,13 +102,18 @@ def split_labeled(index: DatasetIndex, labeled_domain: str, num: int | None = No
 SPLIT_FILES = ("labeled.txt", "unlabeled.txt")
 
 
+def split_key(case: Case) -> str:
+    """How a case is named in the split files: ``domain/name``."""
+    return f"{case.domain}/{case.name}"
+
+
 def write_split(run_dir: str | Path, labeled: list[Case], unlabeled: list[Case]) -> tuple[Path, Path]:
     """Write ``labeled.txt`` and ``unlabeled.txt`` (one ``domain/name`` per line) into ``run_dir``."""
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     paths = tuple(run_dir / f for f in SPLIT_FILES)
     for path, cases in zip(paths, (labeled, unlabeled)):
-        path.write_text("".join(f"{c.domain}/{c.name}\n" for c in cases))
+        path.write_text("".join(split_key(c) + "\n" for c in cases))
     return paths
 
 
