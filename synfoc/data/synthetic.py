@@ -116,6 +116,8 @@ class SyntheticDataset(DatasetIndex):
         self.seed, self.size = seed, size
 
     def read(self, case: Case) -> Sample:
-        index = int(case.name.rsplit("_", 1)[1])
-        image, label = make_case(self.seed, case.domain, case.split, index, self.size, self.num_classes)
+        # The image is a function of the case's name, not of the split it is assigned to, so that a
+        # validation split carved from the training cases reads the same images.
+        domain, split, index = case.name.rsplit("_", 2)
+        image, label = make_case(self.seed, domain, split, int(index), self.size, self.num_classes)
         return Sample(image, label)
