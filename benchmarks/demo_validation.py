@@ -4,9 +4,10 @@ The demo (preset ``demo``) trains for 100 iterations, where two of the paper's p
 the EMA teachers' warm-up ``min(1 - 1/(t+1), 0.99)`` makes each teacher the plain average of every
 student so far for the whole run, and the foundation model works at half the U-Net's resolution
 (the paper's MedSAM works at twice it). Each variant (preset overrides such as ``unet_size=64`` or
-``ema_decay=0.9``) trains SynFoC, and the supervised-only U-Net at the same U-Net size, with the
-demo's data and seeds. They are scored on ``--val-num`` further *training-distribution* cases per
-site (synthetic training indices 40, 41, ...; no run trains on them), which replace the test split.
+``ema_decay=0.9``) trains SynFoC and the supervised-only U-Net (``--methods`` names others, e.g.
+``suponly-foundation``) with the demo's data and seeds. They are scored on ``--val-num`` further
+*training-distribution* cases per site (synthetic training indices 40, 41, ...; no run trains on
+them), which replace the test split.
 
     python benchmarks/demo_validation.py --variants "demo;unet_size=64;unet_size=64,ema_decay=0.9" \\
         --seeds 1337,1338,1339
@@ -85,6 +86,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--variants", default="demo;unet_size=64;unet_size=64,ema_decay=0.9",
                     help="';'-separated; each 'demo' or comma-separated key=value preset overrides")
+    ap.add_argument("--methods", default="synfoc,suponly-unet")
     ap.add_argument("--seeds", default="1337,1338,1339")
     ap.add_argument("--val-num", type=int, default=12)
     ap.add_argument("--out", default="runs/demo_validation")
@@ -99,7 +101,7 @@ def main() -> None:
     for variant in args.variants.split(";"):
         overrides = parse_variant(variant)
         for seed in seeds:
-            for method in ("synfoc", "suponly-unet"):
+            for method in args.methods.split(","):
                 cfg = resolve("demo", None, {**overrides, "seed": seed, "method": method})
                 cfg = cfg.update({"baseline": None}, "demo validation")
                 carved = carved_synthetic(cfg, args.val_num)

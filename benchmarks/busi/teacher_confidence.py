@@ -12,7 +12,7 @@ prints, against the hidden labels:
 - ``lesion recall``: of the true lesion pixels, the fraction that get a confident lesion label;
 - ``lesion precision``: of the confident lesion labels, the fraction that are true lesion.
 
-    python benchmarks/busi/teacher_confidence.py RUN [RUN ...] [--thresholds 0.95,0.9,0.8,0.7]
+    python benchmarks/busi/teacher_confidence.py RUN [RUN ...] [--thresholds 0.95,0.9,0.8,0.7] [--domain D]
 
 The first line per run gives the true lesion fraction of the images, for scale; then, per
 pseudo-label, quantiles of its lesion probability on the true lesion pixels, and for the U-Net
@@ -80,6 +80,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("runs", nargs="+", type=Path)
     ap.add_argument("--thresholds", default=THRESHOLDS)
+    ap.add_argument("--domain", help="only the unlabeled training images of this domain (default: all)")
     args = ap.parse_args()
     thresholds = [float(t) for t in args.thresholds.split(",")]
     for run in args.runs:
@@ -89,7 +90,10 @@ def main() -> None:
         cfg, index, students, _ = load_run(run, device="cpu")
         state = torch.load(ckpt, map_location="cpu", weights_only=False)
         teachers = {k: with_state(m, state["teachers"][k]) for k, m in students.items()}
-        cases = unlabeled_training_cases(run, index)
+        cases = [c for c in unlabeled_training_cases(run, index) if args.domain in (None, c.domain)]
+        if not cases:
+            raise SystemExit(f"{run}: no unlabeled training images of domain {args.domain!r} "
+                             f"(domains: {', '.join(index.domains)})")
         size = cfg.unet_size
         loaded = load_cases(index, cases, [size, cfg.image_size], progress=False)
         # the unlabeled batches of training: ``batch_unlabeled`` images drawn in a shuffled order
