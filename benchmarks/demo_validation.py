@@ -14,13 +14,14 @@ them), which replace the test split.
 
 Runs go to ``--out/<variant>/seed<N>/<method>`` and are reused when finished. Prints a table of
 validation Dice per site (mean over seeds) and appends one CSV row per run, student and site to
-``benchmarks/results/demo_validation.csv``.
+``benchmarks/results/demo_validation.csv``; ``--table-only`` prints the table of every row there.
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import csv
 import dataclasses
 import json
 import statistics
@@ -91,13 +92,18 @@ def main() -> None:
     ap.add_argument("--val-num", type=int, default=12)
     ap.add_argument("--out", default="runs/demo_validation")
     ap.add_argument("--csv", default=str(CSV))
+    ap.add_argument("--table-only", action="store_true", help="print the table of every row of --csv; train nothing")
     args = ap.parse_args()
+    if args.table_only:
+        with open(args.csv, newline="") as f:
+            print_table(list(csv.DictReader(f)))
+        return
 
     import synfoc.train
     from synfoc.config import resolve
 
     seeds = [int(s) for s in args.seeds.split(",")]
-    table = {}   # (variant, method, student) -> domain -> [dice per seed]
+    all_rows = []
     for variant in args.variants.split(";"):
         overrides = parse_variant(variant)
         for seed in seeds:
@@ -118,7 +124,6 @@ def main() -> None:
                 for student, result in summary["students"].items():
                     for domain, metrics in result["per_domain"].items():
                         dice = round(100 * metrics["dice"], 2)
-                        table.setdefault((variant, method, student), {}).setdefault(domain, []).append(dice)
                         rows.append({"commit": git_describe(HERE.parent), "torch": torch.__version__,
                                      "device": device_description(torch.device("cpu")),
                                      "threads": torch.get_num_threads(), "variant": variant, "seed": seed,
@@ -126,17 +131,27 @@ def main() -> None:
                                      "validation": args.val_num, "val_dice": dice, "train_s": round(seconds, 1)})
                 print(f"{variant} seed {seed} {method}: " + ", ".join(
                     f"{r['student']} {r['domain']} {r['val_dice']:.2f}" for r in rows), flush=True)
+                all_rows += rows
                 if not finished:
                     append_csv(Path(args.csv), CSV_COLUMNS, rows)
 
-    domains = sorted({d for cells in table.values() for d in cells})
-    print(f"\nValidation Dice (%), mean (min-max) over seeds {args.seeds}, {args.val_num} cases per site")
-    print("| variant | run | student | " + " | ".join(domains) + " |")
-    print("|---|---|---|" + "---:|" * len(domains))
-    for (variant, method, student), cells in table.items():
-        print(f"| {variant} | {method} | {student} | " + " | ".join(
-            f"{statistics.mean(cells[d]):.2f} ({min(cells[d]):.2f}-{max(cells[d]):.2f})" for d in domains) + " |")
+    print_table(all_rows)
 
+
+def print_table(rows: list[dict]) -> None:
+    """Validation Dice per site, mean (min-max) over the seeds of each (variant, method, student)."""
+    cells = {}   # (variant, method, student) -> domain -> {seed: dice}; a later row of a seed wins
+    for r in rows:
+        cells.setdefault((r["variant"], r["method"], r["student"]), {}).setdefault(r["domain"], {})[
+            int(r["seed"])] = float(r["val_dice"])
+    domains = sorted({d for by_domain in cells.values() for d in by_domain})
+    print("\nValidation Dice (%), mean (min-max) over seeds")
+    print("| variant | run | student | seeds | " + " | ".join(domains) + " |")
+    print("|---|---|---|---:|" + "---:|" * len(domains))
+    for (variant, method, student), by_domain in sorted(cells.items()):
+        values = [list(by_domain.get(d, {}).values()) for d in domains]
+        print(f"| {variant} | {method} | {student} | {max(map(len, values))} | " + " | ".join(
+            f"{statistics.mean(v):.2f} ({min(v):.2f}-{max(v):.2f})" if v else "" for v in values) + " |")
 
 if __name__ == "__main__":
     main()

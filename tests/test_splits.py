@@ -183,11 +183,11 @@ def test_default_split_is_unchanged_and_domain_options():
         split_labeled(index, "siteA", num=1, unlabeled_domains=["siteZ"])
 
 
-def test_demo_validation_split_holds_unseen_training_cases():
+def test_demo_validation_split_holds_unseen_training_cases(capsys):
     """benchmarks/demo_validation.py scores on training-distribution cases that no run trains on."""
     import sys
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-    from demo_validation import carved_synthetic, run_key
+    from demo_validation import carved_synthetic, print_table, run_key
 
     from synfoc.data.source import open_index
 
@@ -207,6 +207,10 @@ def test_demo_validation_split_holds_unseen_training_cases():
     assert run_key("suponly-unet", {"ema_decay": 0.9, "unet_size": 64}) == "unet_size64"
     assert run_key("synfoc", {"ema_decay": 0.9, "unet_size": 64}) == "ema_decay0.9_unet_size64"
     assert run_key("synfoc", {}) == "demo"
+    row = {"variant": "demo", "method": "synfoc", "student": "unet", "domain": "siteA"}
+    print_table([{**row, "seed": "1", "val_dice": "90"}, {**row, "seed": "2", "val_dice": "80"},
+                 {**row, "seed": "1", "val_dice": "96"}])          # a rerun of seed 1 replaces its row
+    assert "| demo | synfoc | unet | 2 | 88.00 (80.00-96.00) |" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("values, message", [
