@@ -153,5 +153,6 @@ def print_table(rows: list[dict]) -> None:
         print(f"| {variant} | {method} | {student} | {max(map(len, values))} | " + " | ".join(
             f"{statistics.mean(v):.2f} ({min(v):.2f}-{max(v):.2f})" if v else "" for v in values) + " |")
 
+
 if __name__ == "__main__":
     main()

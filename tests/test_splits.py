@@ -13,7 +13,7 @@ import yaml
 
 from synfoc.config import TrainConfig, resolve, validate
 from synfoc.data import DataError, check_dataset, data_check_main, open_dataset, split_labeled
-from synfoc.data.synthetic import SyntheticDataset, make_case
+from synfoc.data.synthetic import SyntheticDataset
 
 h5py = pytest.importorskip("h5py")
 
@@ -181,36 +181,6 @@ def test_default_split_is_unchanged_and_domain_options():
     assert len(labeled) == 1 and {c.domain for c in unlabeled} == {"siteC"}   # siteA's rest unused
     with pytest.raises(DataError, match="--unlabeled-domains: unknown domain.*siteZ"):
         split_labeled(index, "siteA", num=1, unlabeled_domains=["siteZ"])
-
-
-def test_demo_validation_split_holds_unseen_training_cases(capsys):
-    """benchmarks/demo_validation.py scores on training-distribution cases that no run trains on."""
-    import sys
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-    from demo_validation import carved_synthetic, print_table, run_key
-
-    from synfoc.data.source import open_index
-
-    cfg = resolve("demo")
-    carved = carved_synthetic(cfg, val_num=2)
-    train = [c for c in carved.cases if c.split == "train"]
-    val = [c for c in carved.cases if c.split == "test"]
-    assert {c.name for c in train} == {c.name for c in open_index(cfg).cases if c.split == "train"}
-    assert sorted(c.name for c in val if c.domain == "siteB") == ["siteB_train_040", "siteB_train_041"]
-    # a carved case reads the training image its name says, not a test image of the same index
-    sample = carved.read(val[0])
-    domain, _, index = val[0].name.rsplit("_", 2)
-    expect_image, expect_label = make_case(0, domain, "train", int(index))
-    other_image, _ = make_case(0, domain, "test", int(index))
-    assert np.array_equal(sample.image, expect_image) and np.array_equal(sample.label, expect_label)
-    assert not np.array_equal(sample.image, other_image)
-    assert run_key("suponly-unet", {"ema_decay": 0.9, "unet_size": 64}) == "unet_size64"
-    assert run_key("synfoc", {"ema_decay": 0.9, "unet_size": 64}) == "ema_decay0.9_unet_size64"
-    assert run_key("synfoc", {}) == "demo"
-    row = {"variant": "demo", "method": "synfoc", "student": "unet", "domain": "siteA"}
-    print_table([{**row, "seed": "1", "val_dice": "90"}, {**row, "seed": "2", "val_dice": "80"},
-                 {**row, "seed": "1", "val_dice": "96"}])          # a rerun of seed 1 replaces its row
-    assert "| demo | synfoc | unet | 2 | 88.00 (80.00-96.00) |" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("values, message", [
