@@ -20,21 +20,16 @@ validation Dice per site (mean over seeds) and appends one CSV row per run, stud
 from __future__ import annotations
 
 import argparse
-import copy
 import csv
-import dataclasses
-import json
 import statistics
 import sys
 import time
 from pathlib import Path
-from unittest import mock
-
-import torch
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from machine import append_csv, device_description, git_describe  # noqa: E402
+from input_size import as_validation, train_on  # noqa: E402
+from machine import append_csv, run_metadata  # noqa: E402
 
 CSV = HERE / "results" / "demo_validation.csv"
 CSV_COLUMNS = ("commit", "torch", "device", "threads", "variant", "seed", "method", "student", "domain",
@@ -72,15 +67,11 @@ def carved_synthetic(cfg, val_num: int):
     """The demo's synthetic set with ``val_num`` more training cases per site, which become the test split.
 
     The training split keeps exactly the demo's cases (indices below ``cfg.synthetic_train``)."""
-    from synfoc.data.synthetic import SyntheticDataset
+    from synfoc.data.synthetic import SyntheticDataset, parse_case_name
 
     index = SyntheticDataset(seed=0, train_per_domain=cfg.synthetic_train + val_num, test_per_domain=0,
                              num_classes=cfg.synthetic_classes)
-    keep = cfg.synthetic_train
-    carved = copy.copy(index)
-    carved.cases = [dataclasses.replace(c, split="test") if int(c.name.rsplit("_", 1)[1]) >= keep else c
-                    for c in index.cases]
-    return carved
+    return as_validation(index, [c for c in index.cases if parse_case_name(c.name)[2] >= cfg.synthetic_train])
 
 
 def main() -> None:
@@ -99,7 +90,6 @@ def main() -> None:
             print_table(list(csv.DictReader(f)))
         return
 
-    import synfoc.train
     from synfoc.config import resolve
 
     seeds = [int(s) for s in args.seeds.split(",")]
@@ -113,26 +103,19 @@ def main() -> None:
                 carved = carved_synthetic(cfg, args.val_num)
                 out = Path(args.out) / run_key(method, overrides) / f"seed{seed}" / method
                 start = time.time()
-                finished = (out / "summary.json").is_file()
-                if finished:
-                    summary = json.loads((out / "summary.json").read_text())
-                else:
-                    with mock.patch.object(synfoc.train, "open_index", lambda _cfg: carved):
-                        summary = synfoc.train.train(cfg, out, resume=(out / "checkpoint.pt").is_file(), progress=False)
+                summary, trained = train_on(cfg, out, carved)
                 seconds = time.time() - start
                 rows = []
                 for student, result in summary["students"].items():
                     for domain, metrics in result["per_domain"].items():
                         dice = round(100 * metrics["dice"], 2)
-                        rows.append({"commit": git_describe(HERE.parent), "torch": torch.__version__,
-                                     "device": device_description(torch.device("cpu")),
-                                     "threads": torch.get_num_threads(), "variant": variant, "seed": seed,
+                        rows.append({**run_metadata(HERE.parent), "variant": variant, "seed": seed,
                                      "method": method, "student": student, "domain": domain,
                                      "validation": args.val_num, "val_dice": dice, "train_s": round(seconds, 1)})
                 print(f"{variant} seed {seed} {method}: " + ", ".join(
                     f"{r['student']} {r['domain']} {r['val_dice']:.2f}" for r in rows), flush=True)
                 all_rows += rows
-                if not finished:
+                if trained:
                     append_csv(Path(args.csv), CSV_COLUMNS, rows)
 
     print_table(all_rows)

@@ -18,16 +18,15 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
+import json
 import sys
 import time
 from pathlib import Path
 from unittest import mock
 
-import torch
-
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from flops_breakdown import forward_gflop  # noqa: E402
-from machine import append_csv, device_description, git_describe  # noqa: E402
+from machine import append_csv, run_metadata  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 CSV_COLUMNS = ("commit", "torch", "device", "threads", "domain", "labeled", "validation", "seed", "iters", "size",
@@ -42,11 +41,27 @@ def validation_index(index, domain: str, labeled_num: int, val_num: int):
     if len(train) < labeled_num + val_num:
         raise SystemExit(f"{domain} has {len(train)} training images, fewer than {labeled_num} labeled + "
                          f"{val_num} validation")
-    val = {id(c) for c in train[labeled_num:labeled_num + val_num]}
+    return as_validation(index, train[labeled_num:labeled_num + val_num])
+
+
+def as_validation(index, val_cases):
+    """A copy of ``index`` whose test split is ``val_cases`` (training cases, which leave the training
+    split); the real test cases are dropped."""
+    val = {id(c) for c in val_cases}
     carved = copy.copy(index)
     carved.cases = [dataclasses.replace(c, split="test") if id(c) in val else c
                     for c in index.cases if c.split != "test"]
     return carved
+
+
+def train_on(cfg, out: Path, index) -> tuple[dict, bool]:
+    """Train ``cfg`` on ``index`` (in place of the dataset ``cfg`` names) into ``out``, resuming its
+    checkpoint; a finished run's summary is reused. Returns (summary, whether this call trained)."""
+    import synfoc.train
+    if (out / "summary.json").is_file():
+        return json.loads((out / "summary.json").read_text()), False
+    with mock.patch.object(synfoc.train, "open_index", lambda _cfg: index):
+        return synfoc.train.train(cfg, out, resume=(out / "checkpoint.pt").is_file(), progress=False), True
 
 
 def main() -> None:
@@ -83,13 +98,11 @@ def main() -> None:
         seconds = time.time() - start
         mean = summary["students"]["foundation"]["mean"]
         gflop = forward_gflop(build_student("foundation", cfg, carved).eval(), carved.channels, size)
-        rows.append({"commit": git_describe(Path(__file__).resolve().parent.parent), "torch": torch.__version__,
-                     "device": device_description(torch.device("cpu")), "size": size, "iters": args.iters,
+        rows.append({**run_metadata(Path(__file__).resolve().parent.parent), "size": size, "iters": args.iters,
                      "labeled": args.labeled_num, "score_size": args.score_size,
                      "validation": args.val_num, "domain": args.labeled_domain, "seed": args.seed,
                      "val_dice": round(100 * mean["dice"], 2), "val_hd95": round(mean["hd95"], 2),
-                     "gflop_forward": round(gflop, 2), "train_s": round(seconds, 1),
-                     "threads": torch.get_num_threads()})
+                     "gflop_forward": round(gflop, 2), "train_s": round(seconds, 1)})
         print(f"size {size}: validation Dice {rows[-1]['val_dice']:.2f}, HD95 {rows[-1]['val_hd95']:.2f}, "
               f"{gflop:.1f} GFLOP per forward, {seconds:.0f} s", flush=True)
         append_csv(Path(args.csv), CSV_COLUMNS, [rows[-1]])

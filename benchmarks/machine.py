@@ -49,6 +49,12 @@ def device_description(device: torch.device) -> str:
     return f"{cpu_model()} [{flags}]"
 
 
+def run_metadata(root: Path) -> dict:
+    """What a CPU result row depends on besides its configuration: commit, torch, CPU, threads."""
+    return {"commit": git_describe(root), "torch": torch.__version__,
+            "device": device_description(torch.device("cpu")), "threads": torch.get_num_threads()}
+
+
 def git_describe(root: Path) -> str:
     """``git describe --always --dirty`` of the repository at ``root`` ('unknown' outside git)."""
     try:

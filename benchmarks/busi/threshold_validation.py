@@ -23,18 +23,14 @@ appends one CSV row per run trained and student to ``benchmarks/results/busi/thr
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
-from unittest import mock
-
-import torch
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
-from input_size import validation_index  # noqa: E402
-from machine import append_csv, device_description, git_describe  # noqa: E402
+from input_size import train_on, validation_index  # noqa: E402
+from machine import append_csv, run_metadata  # noqa: E402
 
 CSV = HERE.parent / "results" / "busi" / "threshold_validation.csv"
 CSV_COLUMNS = ("commit", "torch", "device", "threads", "method", "student", "threshold", "domain", "labeled",
@@ -59,7 +55,6 @@ def main() -> None:
     ap.add_argument("--csv", default=str(CSV))
     args = ap.parse_args()
 
-    import synfoc.train
     from synfoc.config import resolve
     from synfoc.data.source import open_index
 
@@ -74,24 +69,17 @@ def main() -> None:
             carved = validation_index(open_index(cfg), args.labeled_domain, args.labeled_num, args.val_num)
             out = Path(args.out) / method / f"t{threshold:g}"
             start = time.time()
-            finished = (out / "summary.json").is_file()
-            if finished:   # in an earlier call, which wrote its CSV rows
-                summary = json.loads((out / "summary.json").read_text())
-            else:
-                with mock.patch.object(synfoc.train, "open_index", lambda _cfg: carved):
-                    summary = synfoc.train.train(cfg, out, resume=(out / "checkpoint.pt").is_file(), progress=False)
+            summary, trained = train_on(cfg, out, carved)
             seconds = time.time() - start
             for student, result in summary["students"].items():
                 mean = result["mean"]
-                rows.append({"commit": git_describe(HERE.parent.parent), "torch": torch.__version__,
-                             "device": device_description(torch.device("cpu")), "threads": torch.get_num_threads(),
-                             "method": method, "student": student, "threshold": threshold,
-                             "domain": args.labeled_domain, "labeled": args.labeled_num, "validation": args.val_num,
-                             "seed": args.seed, "iters": args.iters, "val_dice": round(100 * mean["dice"], 2),
+                rows.append({**run_metadata(HERE.parent.parent), "method": method, "student": student,
+                             "threshold": threshold, "domain": args.labeled_domain, "labeled": args.labeled_num,
+                             "validation": args.val_num, "seed": args.seed, "iters": args.iters, "val_dice": round(100 * mean["dice"], 2),
                              "val_hd95": round(mean["hd95"], 2), "train_s": round(seconds, 1)})
                 print(f"{method} {student} threshold {threshold:g}: validation Dice {rows[-1]['val_dice']:.2f}",
                       flush=True)
-                if not finished:
+                if trained:
                     append_csv(Path(args.csv), CSV_COLUMNS, [rows[-1]])
     print("\n| threshold | " + " | ".join(f"{r['method']} {r['student']}" for r in rows if r["threshold"] == thresholds[0])
           + " | mean |")

@@ -101,13 +101,24 @@ def make_case(seed: int, domain: str, split: str, index: int, size: int = 128,
     return (img * 255).round().astype(np.uint8)[..., None], label
 
 
+def case_name(domain: str, split: str, index: int) -> str:
+    """The name of a synthetic case, e.g. ``siteA_train_007``; :func:`parse_case_name` inverts it."""
+    return f"{domain}_{split}_{index:03d}"
+
+
+def parse_case_name(name: str) -> tuple[str, str, int]:
+    """(domain, split, index) of a :func:`case_name`."""
+    domain, split, index = name.rsplit("_", 2)
+    return domain, split, int(index)
+
+
 class SyntheticDataset(DatasetIndex):
     """The embedded default as a :class:`DatasetIndex` (no files)."""
 
     def __init__(self, seed: int = 0, train_per_domain: int = 40, test_per_domain: int = 12,
                  size: int = 128, num_classes: int = 1, domains: list[str] | None = None) -> None:
         domains = domains or list(SITES)
-        cases = [Case(d, split, f"{d}_{split}_{i:03d}")
+        cases = [Case(d, split, case_name(d, split, i))
                  for d in domains for split, n in (("train", train_per_domain), ("test", test_per_domain))
                  for i in range(n)]
         classes = ["lesion"] if num_classes == 1 else ["lesion", "core"]
@@ -118,6 +129,5 @@ class SyntheticDataset(DatasetIndex):
     def read(self, case: Case) -> Sample:
         # The image is a function of the case's name, not of the split it is assigned to, so that a
         # validation split carved from the training cases reads the same images.
-        domain, split, index = case.name.rsplit("_", 2)
-        image, label = make_case(self.seed, domain, split, int(index), self.size, self.num_classes)
+        image, label = make_case(self.seed, *parse_case_name(case.name), self.size, self.num_classes)
         return Sample(image, label)
