@@ -28,6 +28,13 @@ CURVES = [("losses", ("loss", "loss_x", "loss_u", "loss_c", "loss_d")),
           ("alpha over instances; empty teachers", ("alpha_p10", "alpha_p50", "alpha_p90", "teachers_both_empty",
                                                     "confident_foreground"))]
 
+# Per unlabeled domain (``NAME/DOMAIN``, the mean over that domain's instances in a log window):
+# a domain whose alpha sits at 0 or whose confident pixels hold no foreground shows here, where the
+# batch means above average it away.
+DOMAIN_CURVES = [("alpha per unlabeled domain", "alpha"),
+                 ("confident foreground per unlabeled domain", "confident_foreground"),
+                 ("ensemble pseudo-label Dice per unlabeled domain (hidden labels)", "pseudo_dice_ensemble")]
+
 # The paper's Fig. 6: confidences and alpha dashed, pseudo-label quality solid, on one axis.
 FIG6_DASHED = ("self_confidence", "mutual_confidence", "alpha")
 FIG6_SOLID = ("pseudo_dice_foundation", "pseudo_dice_unet", "pseudo_dice_ensemble")
@@ -60,7 +67,7 @@ def _series(history: list[dict], key: str) -> tuple[list[float], list[float]]:
 
 def _draw_panel(ax, history: list[dict], title: str, keys: list[str]) -> None:
     for k in keys:
-        ax.plot(*_series(history, k), label=k)
+        ax.plot(*_series(history, k), label=k.partition("/")[2] or k)   # NAME/DOMAIN: the title names NAME
     _style(ax, title)
 
 
@@ -75,16 +82,23 @@ def _style(ax, title: str) -> None:
 
 def _panels(history: list[dict]) -> list[tuple[str, list[str]]]:
     panels = [(title, [k for k in keys if any(k in h for h in history)]) for title, keys in CURVES]
+    logged = sorted({k for h in history for k in h})
+    panels += [(title, [k for k in logged if k.startswith(name + "/")]) for title, name in DOMAIN_CURVES]
     return [p for p in panels if p[1]]
 
 
-def plot_curves(history: list[dict], path: Path) -> None:
-    """Training curves (losses; lambda, alpha, self and mutual confidence; pseudo-label Dice)."""
+def plot_curves(history: list[dict], path: Path, columns: int = 4) -> None:
+    """Training curves (losses; lambda, alpha, self and mutual confidence; pseudo-label Dice; the
+    same per unlabeled domain), ``columns`` panels to a row."""
     plt = pyplot()
     panels = _panels(history)
-    fig, axes = plt.subplots(1, max(1, len(panels)), figsize=(5 * max(1, len(panels)), 3.6), squeeze=False)
-    for ax, (title, keys) in zip(axes[0], panels):
+    cols = max(1, min(columns, len(panels)))
+    rows = max(1, -(-len(panels) // cols))
+    fig, axes = plt.subplots(rows, cols, figsize=(5 * cols, 3.6 * rows), squeeze=False)
+    for ax, (title, keys) in zip(axes.flat, panels):
         _draw_panel(ax, history, title, keys)
+    for ax in list(axes.flat)[len(panels):]:
+        ax.axis("off")
     fig.tight_layout()
     save_figure(fig, Path(path))
 

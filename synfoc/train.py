@@ -61,6 +61,22 @@ def quantiles(spread: dict[str, torch.Tensor]) -> dict[str, float]:
     return out
 
 
+def domain_means(spread: dict[str, torch.Tensor], domains: torch.Tensor, names: list[str]) -> dict[str, float]:
+    """``NAME/DOMAIN``: the mean of each per-instance log over the instances from each unlabeled
+    domain in a log window. ``domains[i]`` is the position in ``names`` of instance i's domain, in
+    the order the instances were logged; a log of another length (not one value per unlabeled
+    image) is left out."""
+    out = {}
+    for k, v in spread.items():
+        if len(v) != len(domains):
+            continue
+        for i, name in enumerate(names):
+            of_domain = domains == i
+            if of_domain.any():
+                out[f"{k}/{name}"] = v[of_domain].mean().item()
+    return out
+
+
 def checkpoint_interval(cfg: TrainConfig) -> int:
     """Iterations between checkpoints: ``checkpoint_every``, else about 20 per run (at most 1000
     iterations apart); :data:`CHECKPOINT_SECONDS` of wall time also triggers one."""
@@ -184,6 +200,10 @@ def train(cfg: TrainConfig, out: Path, resume: bool = False, progress: bool = Tr
     if cfg.dataset != "synthetic" and not cfg.skip_bad:  # --skip-bad already decoded every file
         check_test_split(index, progress and rt.master)
     labeled_num = len(labeled_cases)
+    # Per-instance logs are also averaged per unlabeled domain (alpha on one site can be 0 while
+    # the batch mean looks ordinary), when the unlabeled images come from more than one.
+    unlabeled_domains = sorted({c.domain for c in unlabeled_cases})
+    domain_of = torch.tensor([unlabeled_domains.index(c.domain) for c in unlabeled_cases])
     if labeled_num < cfg.batch_labeled:
         say(f"note: {labeled_num} labeled cases < labeled batch {cfg.batch_labeled}; batches repeat cases")
 
@@ -247,6 +267,7 @@ def train(cfg: TrainConfig, out: Path, resume: bool = False, progress: bool = Tr
                dynamic_ncols=True, desc="train")
     sums: dict[str, torch.Tensor] = {}
     instances: dict[str, list[torch.Tensor]] = {}
+    instance_domains: list[torch.Tensor] = []
     count = 0
     every = checkpoint_interval(cfg)
     last_save = time.time()
@@ -279,6 +300,8 @@ def train(cfg: TrainConfig, out: Path, resume: bool = False, progress: bool = Tr
                         instances.setdefault(k[:-len(INSTANCES)], []).append(val.detach().float())
                     else:
                         sums[k] = sums.get(k, 0) + val.detach().float()
+                if len(unlabeled_domains) > 1 and views.unlabeled_index is not None:
+                    instance_domains.append(domain_of[views.unlabeled_index])
                 count += 1
                 last = t + 1 == cfg.iters
                 due = ((t + 1) % every == 0 or last or stop.requested
@@ -286,7 +309,9 @@ def train(cfg: TrainConfig, out: Path, resume: bool = False, progress: bool = Tr
                 if (t + 1) % cfg.log_every == 0 or due:
                     means = {k: (v / count).item() for k, v in sums.items()}
                     spread = {k: torch.cat(v).cpu() for k, v in instances.items()}
-                    sums, instances, count = {}, {}, 0
+                    if instance_domains:
+                        means.update(domain_means(spread, torch.cat(instance_domains), unlabeled_domains))
+                    sums, instances, instance_domains, count = {}, {}, [], 0
                     if not all(math.isfinite(v) for v in means.values()):
                         bad = ", ".join(k for k, v in means.items() if not math.isfinite(v))
                         kept = (f"The checkpoint of iteration {saved_step} is kept in {ckpt_path}"

@@ -21,7 +21,8 @@ if TYPE_CHECKING:
 class Views:
     """One iteration's inputs on the device. ``*_u`` at the U-Net input size, ``*_f`` at the
     foundation input size; labels are long (B, H, W). ``box`` is the intermediate-sample mask M at
-    each size. ``unlabeled_truth`` (hidden labels of U_w) is only used for monitoring."""
+    each size. ``unlabeled_truth`` (hidden labels of U_w) is only used for monitoring, and
+    ``unlabeled_index`` (positions of U_w's images in the unlabeled set, on the CPU) only for logging."""
 
     x_u: torch.Tensor
     y_u: torch.Tensor
@@ -34,6 +35,7 @@ class Views:
     box_u: torch.Tensor | None = None
     box_f: torch.Tensor | None = None
     unlabeled_truth: torch.Tensor | None = None
+    unlabeled_index: torch.Tensor | None = None
 
 
 @dataclass
@@ -85,7 +87,7 @@ def make_views(cfg: TrainConfig, aug: AugmentConfig, labeled: Arrays, unlabeled:
     grid_u = weak_grid(len(ui), base, aug, g)
     strong_params = draw_strong(len(ui), aug, g)
     boxes = draw_boxes(min(len(li), len(ui)), aug, g)
-    v = {}
+    v = {"unlabeled_index": ui}
     for key, size in (("u", su), ("f", sf)):
         if size is None:
             continue

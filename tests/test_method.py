@@ -423,6 +423,8 @@ def test_alpha_strategy_sets_the_ensemble_weight(strategy, unsupervised_targets)
     q = p_en.argmax(dim=1)
     assert logs["confident_foreground"].item() == pytest.approx(
         ((q > 0) & confident).sum().item() / max(1, confident.sum().item()), rel=1e-6)
+    per_image = [((q[i] > 0) & confident[i]).sum().item() / max(1, confident[i].sum().item()) for i in range(2)]
+    assert logs["confident_foreground@instances"].tolist() == pytest.approx(per_image, rel=1e-6)
     # TEACHER_MS's second instance is empty but TEACHER_UT's is not: no instance has both empty
     assert logs["teachers_both_empty"].item() == 0
 

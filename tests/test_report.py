@@ -55,7 +55,9 @@ class Page(HTMLParser):
 
 SYNFOC_KEYS = ("loss", "loss_x", "loss_u", "loss_c", "loss_d", "lambda", "alpha", "self_confidence",
                "mutual_confidence", "pseudo_dice_unet", "pseudo_dice_foundation", "pseudo_dice_ensemble",
-               "alpha_p10", "alpha_p50", "alpha_p90", "teachers_both_empty", "confident_foreground")
+               "alpha_p10", "alpha_p50", "alpha_p90", "teachers_both_empty", "confident_foreground",
+               *(f"{name}/{d}" for name in ("alpha", "confident_foreground", "pseudo_dice_ensemble")
+                 for d in ("siteB", "siteC")))
 
 
 @pytest.fixture(scope="module")
@@ -87,8 +89,10 @@ def test_report_is_one_self_contained_file(run, page):
             assert not attrs.get(name, "data:").lower().startswith(("http:", "https:", "//", "file:"))
     assert "http://" not in text and "https://" not in text
     sources = doc.images()
-    # five curve panels, the training views, and per domain 2 cases x (truth, U-Net, foundation)
-    assert len(sources) == 5 + 1 + 3 * 2 * 3
+    # five curve panels, three per unlabeled domain, the training views, and per domain 2 cases x
+    # (truth, U-Net, foundation)
+    assert len(sources) == 5 + 3 + 1 + 3 * 2 * 3
+    assert "alpha per unlabeled domain" in text and "confident foreground per unlabeled domain" in text
     assert "What the models train on" in text and "No training views" not in text
     for src in sources:
         assert src.startswith("data:image/png;base64,")

@@ -54,9 +54,29 @@ def test_end_to_end_tiny_synfoc(tmp_path):
     last = history[-1]
     assert last["alpha_p10"] <= last["alpha_p50"] <= last["alpha_p90"]
     assert {"confident_foreground", "teachers_both_empty"} <= set(last)
+    # Per unlabeled domain: each window (one iteration here) names exactly the domains of the
+    # unlabeled images it drew, and the domain means, weighted by their image counts, give back the
+    # batch mean of alpha and of the ensemble's pseudo-label Dice.
+    from synfoc.views import epoch_order
+    unlabeled = (out / "unlabeled.txt").read_text().split()
+    for t, h in enumerate(history):
+        drawn = [unlabeled[i].split("/")[0] for i in epoch_order(len(unlabeled), 2, t, 1337 + 1).tolist()]
+        for name in ("alpha", "confident_foreground", "pseudo_dice_ensemble"):
+            assert {k.partition("/")[2] for k in h if k.startswith(name + "/")} == set(drawn), (t, name)
+        for name in ("alpha", "pseudo_dice_ensemble"):
+            weighted = sum(h[f"{name}/{d}"] * drawn.count(d) for d in set(drawn)) / len(drawn)
+            assert weighted == pytest.approx(h[name], abs=1e-6)
     env = json.loads((out / "environment.jsonl").read_text().splitlines()[0])
     assert env["torch"] == torch.__version__ and env["device"] == "cpu" and env["resumed"] is False
     assert (out / "labeled.txt").read_text().split() == ["siteA/siteA_train_000", "siteA/siteA_train_001"]
+
+
+def test_domain_means_average_each_domains_instances():
+    from synfoc.train import domain_means
+    spread = {"alpha": torch.tensor([0.0, 1.0, 0.5, 0.25]), "other": torch.tensor([1.0, 2.0])}
+    domains = torch.tensor([2, 0, 2, 2])
+    assert domain_means(spread, domains, ["siteA", "siteB", "siteC"]) == {
+        "alpha/siteA": 1.0, "alpha/siteC": pytest.approx(0.25)}   # no siteB image; "other" is no per-image log
 
 
 @pytest.mark.parametrize("method", [m for m in METHODS if m != "synfoc"])   # synfoc: the test above

@@ -61,6 +61,11 @@ def confident_foreground(q: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     return ((q > 0) & w).sum() / w.sum().clamp(min=1)
 
 
+def confident_foreground_per_instance(q: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """:func:`confident_foreground` of each instance of (B, H, W) label and confidence maps: (B,)."""
+    return ((q > 0) & w).flatten(1).sum(1) / w.flatten(1).sum(1).clamp(min=1)
+
+
 def empty_prediction(q: torch.Tensor) -> torch.Tensor:
     """Per instance: the label map has no foreground pixel."""
     return ~(q > 0).flatten(1).any(dim=1)
@@ -203,10 +208,13 @@ class SynFoC(nn.Module):
                 "confident_foreground": confident_foreground(q_en_ut, w_en_ut),
                 # Dice(empty, empty) = 1: where both teachers see no foreground, SMC gives alpha 1
                 "teachers_both_empty": (empty_prediction(q_ut_hat) & empty_prediction(q_ms_hat)).float().mean(),
-                "alpha" + INSTANCES: alpha_ut.flatten().detach()}
+                "alpha" + INSTANCES: alpha_ut.flatten().detach(),
+                "confident_foreground" + INSTANCES: confident_foreground_per_instance(q_en_ut, w_en_ut)}
         if v.unlabeled_truth is not None:  # monitoring only: pseudo-label quality (Fig. 6)
             truth = v.unlabeled_truth
             logs["pseudo_dice_unet"] = part_dice(q_ut_hat, truth, self.parts).mean()
             logs["pseudo_dice_foundation"] = part_dice(q_ms_hat, truth, self.parts).mean()
-            logs["pseudo_dice_ensemble"] = part_dice(q_en_ut, truth, self.parts).mean()
+            dice_en = part_dice(q_en_ut, truth, self.parts)
+            logs["pseudo_dice_ensemble"] = dice_en.mean()
+            logs["pseudo_dice_ensemble" + INSTANCES] = dice_en
         return loss, logs
