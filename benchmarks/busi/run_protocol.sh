@@ -9,8 +9,9 @@
 # run its small files (summary.json, config.yaml, history.jsonl, environment.jsonl, per_case.csv,
 # labeled.txt) are copied to benchmarks/results/busi/ with the same layout, to be committed. A
 # finished run is skipped and an interrupted one resumes, so the script can be stopped and started
-# again across sessions. The tables are `synfoc sweep --tables-only` over those files
-# (TABLES_ONLY=1 bash benchmarks/busi/run_protocol.sh: the tables alone, nothing trained).
+# again across sessions. The tables are `synfoc sweep --tables-only` over those files, for every seed
+# whose ten runs are all in (TABLES_ONLY=1 bash benchmarks/busi/run_protocol.sh: the tables alone,
+# nothing trained).
 # To keep the code fixed while the tree changes, run it with a python that imports synfoc from a
 # worktree at a fixed commit (PY=...; -P keeps the current folder off the import path;
 # environment.jsonl records the commit).
@@ -23,10 +24,21 @@ RUNS=runs/busi
 KEEP=benchmarks/results/busi
 COMMON=(--preset busi --dataset "$DATA" --labeled-ratio 0.125 --iters 1000 --unet-size 128 --unet-width 16
         --foundation litemedsam --image-size 128 --batch-labeled 2 --batch-unlabeled 2 --no-progress)
+ALL_METHODS=(suponly-unet base-unet samed base-foundation synfoc)
+complete_seeds() {  # the seeds whose ten runs (five methods x two labeled domains) are all kept here
+  local seeds=() s m d ok
+  for s in $(ls -d "$KEEP"/*/*/seed* 2>/dev/null | sed 's/.*seed//' | sort -un); do
+    ok=1
+    for m in "${ALL_METHODS[@]}"; do for d in benign malignant; do
+      [ -f "$KEEP/$m/$d/seed$s/summary.json" ] || ok=0
+    done; done
+    [ $ok = 1 ] && seeds+=("$s")
+  done
+  local IFS=,; echo "${seeds[*]}"
+}
 tables() {  # sweep.md (the paper's Table 6 layout, mean ± std over seeds, paired differences), sweep_seeds.csv
   "${PY:-python}" -P -m synfoc sweep --tables-only "${COMMON[@]}" --out "$KEEP" \
-    --methods suponly-unet,base-unet,samed,base-foundation,synfoc --labeled-domains benign,malignant \
-    --seeds 1337,1338,1339
+    --methods "$(IFS=,; echo "${ALL_METHODS[*]}")" --labeled-domains benign,malignant --seeds "$(complete_seeds)"
 }
 if [ -n "${TABLES_ONLY:-}" ]; then tables; exit; fi
 for SEED in $SEEDS; do
