@@ -53,7 +53,7 @@ def pseudo_label(p: torch.Tensor, threshold: float) -> tuple[torch.Tensor, torch
     return q, conf > threshold
 
 
-INSTANCES = "@instances"  # a log entry of one value per instance (a distribution, not a mean)
+INSTANCES = "@instances"  # a log entry of one value per unlabeled image (a distribution, not a mean)
 
 
 def confident_foreground(q: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
