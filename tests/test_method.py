@@ -39,7 +39,8 @@ def test_dice_loss_matches_numpy():
         losses = []
         for k in range(3):
             yk = (yn == k).astype(np.float64)
-            m = np.ones_like(yk) if weight is None else wn.astype(np.float64)
+            # the confidence mask leaves the background term unmasked (method-spec section 9)
+            m = np.ones_like(yk) if weight is None or k == 0 else wn.astype(np.float64)
             inter = (pn[:, k] * yk * m).sum()
             den = (pn[:, k] ** 2 * m).sum() + (yk ** 2 * m).sum()
             losses.append(1 - (2 * inter + 1e-10) / (den + 1e-10))
@@ -487,3 +488,32 @@ def test_synfoc_options_reach_the_step_from_the_config():
     step = build_method(TrainConfig(alpha="cps", consistency="cr", threshold=0.9), students, teachers, [(1,)])
     assert (step.alpha_strategy, step.consistency, step.threshold) == ("cps", "cr", 0.9)
     assert step.unet is students["unet"] and step.teacher_foundation is teachers["foundation"]
+
+
+def test_foundation_output_smaller_than_the_unet_input():
+    """Method-spec section 9: with the foundation model's output (8 px here) smaller than the U-Net's
+    input (16 px), mutual confidence is computed at the foundation output size against the U-Net
+    teacher's nearest-downsampled labels, and CDCR compares the students at the U-Net size with the
+    foundation student's probabilities upsampled by nearest neighbour."""
+    teacher_ms, student_ms = masks((0, 8, 0, 5), (1, 6, 2, 7), size=8), masks((2, 6, 2, 6), (4, 8, 0, 8), size=8)
+    unet, fm = PatternModel(STUDENT_UT, 3.0), PatternModel(student_ms, 3.0)
+    model = SynFoC(unet, fm, PatternModel(TEACHER_UT, 10.0), PatternModel(teacher_ms, 10.0), [(1,)])
+    v = blank_views()
+    small = torch.zeros(2, 1, 8, 8)
+    v.x_f, v.uw_f, v.us_f = small, small, small
+    v.y_f, v.box_f = torch.zeros(2, 8, 8, dtype=torch.long), torch.zeros(2, 8, 8, dtype=torch.bool)
+    _, logs = model.step(v, T, TOTAL)
+
+    mutual = instance_dice(teacher_ms, TEACHER_UT[:, ::2, ::2])    # nearest 16 -> 8 keeps the even pixels
+    assert logs["mutual_confidence"].item() == pytest.approx(sum(mutual) / 2, rel=1e-6)
+    assert mutual != instance_dice(teacher_ms.repeat_interleave(2, 1).repeat_interleave(2, 2), TEACHER_UT)
+
+    p_ut = torch.softmax(PatternModel(STUDENT_UT, 3.0)(small), dim=1)
+    p_ms8 = torch.softmax(PatternModel(student_ms, 3.0)(small), dim=1)
+    p_ms = p_ms8.repeat_interleave(2, 2).repeat_interleave(2, 3)   # nearest 8 -> 16
+    agree = (p_ut.argmax(1) == p_ms.argmax(1)).unsqueeze(1).float()
+    entropy = lambda p: -(p * torch.log(p))                        # noqa: E731
+    expected_c = 0.5 * ((entropy(p_ut) * agree).mean() + (entropy(p_ms8) * agree[:, :, ::2, ::2]).mean())
+    expected_d = (((p_ms - p_ut) ** 2) * (1 - agree)).mean()
+    assert logs["loss_c"].item() == pytest.approx(expected_c.item(), rel=1e-5)
+    assert logs["loss_d"].item() == pytest.approx(expected_d.item(), rel=1e-5) and expected_d > 0

@@ -13,15 +13,17 @@ DICE_SMOOTH = 1e-10
 
 def dice_loss(probs: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
     """Soft Dice loss with squared denominator, summed over the whole batch, averaged over all C+1
-    classes (background included). ``weight`` (B, H, W) masks pixels out (the confidence mask W)."""
+    classes (background included). ``weight`` (B, H, W), the confidence mask W, masks pixels out of
+    the foreground classes' terms only: the background term counts every pixel, as in the
+    published script (method-spec section 9)."""
     onehot = F.one_hot(target.long(), probs.shape[1]).permute(0, 3, 1, 2).to(probs.dtype)
+    inter = (probs * onehot).sum(dim=(0, 2, 3))
+    denom = (probs * probs).sum(dim=(0, 2, 3)) + onehot.sum(dim=(0, 2, 3))
     if weight is not None:
         w = weight.unsqueeze(1).to(probs.dtype)
-        inter = (probs * onehot * w).sum(dim=(0, 2, 3))
-        denom = (probs * probs * w).sum(dim=(0, 2, 3)) + (onehot * w).sum(dim=(0, 2, 3))
-    else:
-        inter = (probs * onehot).sum(dim=(0, 2, 3))
-        denom = (probs * probs).sum(dim=(0, 2, 3)) + onehot.sum(dim=(0, 2, 3))
+        fg_p, fg_y = probs[:, 1:], onehot[:, 1:]
+        inter = torch.cat([inter[:1], (fg_p * fg_y * w).sum(dim=(0, 2, 3))])
+        denom = torch.cat([denom[:1], (fg_p * fg_p * w).sum(dim=(0, 2, 3)) + (fg_y * w).sum(dim=(0, 2, 3))])
     return (1 - (2 * inter + DICE_SMOOTH) / (denom + DICE_SMOOTH)).mean()
 
 

@@ -25,8 +25,10 @@ def ramp_weight(t: int, total: int) -> float:
     return math.exp(-5.0 * (1.0 - min(t, total) / total) ** 2)
 
 
-def resize_probs(p: torch.Tensor, size: int) -> torch.Tensor:
-    return p if p.shape[-1] == size else F.interpolate(p, size=(size, size), mode="bilinear", align_corners=False)
+def resize_probs(p: torch.Tensor, size: int, mode: str = "bilinear") -> torch.Tensor:
+    if p.shape[-1] == size:
+        return p
+    return F.interpolate(p, size=(size, size), mode=mode, **({"align_corners": False} if mode == "bilinear" else {}))
 
 
 def resize_labels(y: torch.Tensor, size: int) -> torch.Tensor:
@@ -158,9 +160,12 @@ class SynFoC(nn.Module):
         p_ms_hat = resize_probs(p_ms_hat_native, su)
         q_ut_hat, q_ms_hat = labels_of(p_ut_hat), labels_of(p_ms_hat)
 
-        # 5. Self-mutual confidence, per instance and detached (Eqs. 4-6).
-        self_conf = part_dice(q_ut_student, q_ut_hat, self.parts)    # Eq. (4)
-        mutual_conf = part_dice(q_ms_hat, q_ut_hat, self.parts)      # Eq. (5)
+        # 5. Self-mutual confidence, per instance and detached (Eqs. 4-6). Mutual confidence is
+        #    measured at the foundation model's output size, against the U-Net teacher's labels
+        #    nearest-resized there (method-spec section 9).
+        q_ms_hat_native, q_ut_hat_o = labels_of(p_ms_hat_native), resize_labels(q_ut_hat, so)
+        self_conf = part_dice(q_ut_student, q_ut_hat, self.parts)            # Eq. (4)
+        mutual_conf = part_dice(q_ms_hat_native, q_ut_hat_o, self.parts)     # Eq. (5)
         alpha_ut, alpha_ms = self.alpha(self_conf, mutual_conf, t, total)
 
         # 6. Ensemble pseudo-labels and confidence masks (Eq. 3), at the U-Net size and, resized
@@ -181,12 +186,13 @@ class SynFoC(nn.Module):
 
         # 8. Losses. L_x: supervised CE + Dice of each student (MS against nearest-resized labels).
         loss_x = ce_dice_loss(logits_ut_x, v.y_u) + ce_dice_loss(logits_ms_x, y_o)
-        # L_u (Eq. 7): masked CE + masked Dice against the intermediate pseudo-label Q_c.
+        # L_u (Eq. 7): masked CE + masked Dice against the intermediate pseudo-label Q_c (the Dice
+        # mask covers the foreground terms only; the background term counts every pixel).
         loss_u = ce_dice_loss(logits_ut_c, q_c_ut, w_c_ut) + ce_dice_loss(logits_ms_c, q_c_ms, w_c_ms)
 
         p_c_ut = torch.softmax(logits_ut_c.float(), dim=1)
         p_c_ms_native = torch.softmax(logits_ms_c.float(), dim=1)
-        p_c_ms = resize_probs(p_c_ms_native, su)
+        p_c_ms = resize_probs(p_c_ms_native, su, mode="nearest")   # nearest, as the script (method-spec section 9)
         zero = p_c_ut.new_zeros(())
         loss_c, loss_d = zero, zero
         if self.consistency == "cdcr":
@@ -207,7 +213,8 @@ class SynFoC(nn.Module):
                 "mutual_confidence": mutual_conf.mean(), "confident_fraction": w_en_ut.float().mean(),
                 "confident_foreground": confident_foreground(q_en_ut, w_en_ut),
                 # Dice(empty, empty) = 1: where both teachers see no foreground, SMC gives alpha 1
-                "teachers_both_empty": (empty_prediction(q_ut_hat) & empty_prediction(q_ms_hat)).float().mean(),
+                "teachers_both_empty": (empty_prediction(q_ut_hat_o)
+                                        & empty_prediction(q_ms_hat_native)).float().mean(),
                 "alpha" + INSTANCES: alpha_ut.flatten().detach(),
                 "confident_foreground" + INSTANCES: confident_foreground_per_instance(q_en_ut, w_en_ut)}
         if v.unlabeled_truth is not None:  # monitoring only: pseudo-label quality (Fig. 6)
