@@ -14,7 +14,8 @@ them), which replace the test split.
 
 Runs go to ``--out/<variant>/seed<N>/<method>`` and are reused when finished. Prints a table of
 validation Dice per site (mean over seeds) and appends one CSV row per run, student and site to
-``benchmarks/results/demo_validation.csv``; ``--table-only`` prints the table of every row there.
+``benchmarks/results/demo_validation.csv``; ``--table-only`` prints the table of every row there
+(``--since REV``: of the rows of commit REV and later only).
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 from input_size import as_validation, train_on  # noqa: E402
-from machine import append_csv, run_metadata  # noqa: E402
+from machine import append_csv, git_is_ancestor, run_metadata  # noqa: E402
 
 CSV = HERE / "results" / "demo_validation.csv"
 CSV_COLUMNS = ("commit", "torch", "device", "threads", "variant", "seed", "method", "student", "domain",
@@ -84,10 +85,15 @@ def main() -> None:
     ap.add_argument("--out", default="runs/demo_validation")
     ap.add_argument("--csv", default=str(CSV))
     ap.add_argument("--table-only", action="store_true", help="print the table of every row of --csv; train nothing")
+    ap.add_argument("--since", metavar="REV", help="with --table-only: only the rows of commit REV and later "
+                    "(the training code changed at REV)")
     args = ap.parse_args()
     if args.table_only:
         with open(args.csv, newline="") as f:
-            print_table(list(csv.DictReader(f)))
+            rows = list(csv.DictReader(f))
+        if args.since:
+            rows = [r for r in rows if git_is_ancestor(HERE.parent, args.since, r["commit"])]
+        print_table(rows)
         return
 
     from synfoc.config import resolve

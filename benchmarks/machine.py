@@ -65,6 +65,17 @@ def git_describe(root: Path) -> str:
     return out.stdout.strip() if out.returncode == 0 and out.stdout.strip() else "unknown"
 
 
+def git_is_ancestor(root: Path, ancestor: str, commit: str) -> bool:
+    """``commit`` (a row's ``git describe`` value; a ``-dirty`` suffix is ignored) is ``ancestor`` or
+    comes after it in the history of the repository at ``root``."""
+    commit = commit.removesuffix("-dirty")
+    out = subprocess.run(["git", "-C", str(root), "merge-base", "--is-ancestor", ancestor, commit],
+                         capture_output=True, text=True, timeout=30)
+    if out.returncode not in (0, 1):
+        raise SystemExit(f"git cannot compare {ancestor!r} with {commit!r}: {out.stderr.strip()}")
+    return out.returncode == 0
+
+
 def matmul_flops(n: int) -> int:
     """Multiply-adds of an (n, n) @ (n, n) product, counted as two FLOPs each (FlopCounterMode's convention)."""
     return 2 * n**3

@@ -143,3 +143,16 @@ def test_demo_validation_split_holds_unseen_training_cases(capsys):
     print_table([{**row, "seed": "1", "val_dice": "90"}, {**row, "seed": "2", "val_dice": "80"},
                  {**row, "seed": "1", "val_dice": "96"}])          # a rerun of seed 1 replaces its row
     assert "| demo | synfoc | unet | 2 | 88.00 (80.00-96.00) |" in capsys.readouterr().out
+
+
+def test_rows_since_a_commit_follow_git_history():
+    """demo_validation --since keeps the rows of a commit and its descendants (machine.git_is_ancestor)."""
+    head = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
+    parent = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD~1"], capture_output=True, text=True)
+    if head.returncode or parent.returncode:
+        pytest.skip("needs a git checkout with at least two commits")
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from machine import git_is_ancestor
+    head, parent = head.stdout.strip(), parent.stdout.strip()
+    assert git_is_ancestor(ROOT, parent, head) and git_is_ancestor(ROOT, head, head + "-dirty")
+    assert not git_is_ancestor(ROOT, head, parent)
