@@ -5,9 +5,11 @@
 #
 # Usage: [METHODS="..."] bash benchmarks/busi/run_protocol.sh [SEEDS] [DOMAINS]
 #        (defaults: all five methods, "1337 1338 1339", "benign malignant")
-# Runs go to runs/busi/<method>/<domain>/seed<N>/ (the layout of `synfoc sweep --seeds`); after each
-# run its small files (summary.json, config.yaml, history.jsonl, environment.jsonl, per_case.csv,
-# labeled.txt) are copied to benchmarks/results/busi/ with the same layout, to be committed. A
+# Runs go to $RUNS/<method>/<domain>/seed<N>/ (default runs/busi; the layout of `synfoc sweep
+# --seeds`); after each run its small files (summary.json, config.yaml, history.jsonl,
+# environment.jsonl, per_case.csv, labeled.txt) are copied to $KEEP (default
+# benchmarks/results/busi; the protocol's second round, at the code of 1447e54, keeps its files in
+# benchmarks/results/busi/v2) with the same layout, to be committed. A
 # finished run is skipped and an interrupted one resumes, so the script can be stopped and started
 # again across sessions. The tables are `synfoc sweep --tables-only` over those files, for every seed
 # whose ten runs are all in (TABLES_ONLY=1 bash benchmarks/busi/run_protocol.sh: the tables alone,
@@ -20,8 +22,8 @@ DATA=${BUSI:-../shared/data/busi}
 SEEDS=${1:-1337 1338 1339}
 DOMAINS=${2:-benign malignant}
 METHODS=${METHODS:-suponly-unet base-unet samed base-foundation synfoc}
-RUNS=runs/busi
-KEEP=benchmarks/results/busi
+RUNS=${RUNS:-runs/busi}
+KEEP=${KEEP:-benchmarks/results/busi}
 COMMON=(--preset busi --dataset "$DATA" --labeled-ratio 0.125 --iters 1000 --unet-size 128 --unet-width 16
         --foundation litemedsam --image-size 128 --batch-labeled 2 --batch-unlabeled 2 --no-progress)
 ALL_METHODS=(suponly-unet base-unet samed base-foundation synfoc)
