@@ -204,6 +204,7 @@ def train(cfg: TrainConfig, out: Path, resume: bool = False, progress: bool = Tr
     # the batch mean looks ordinary), when the unlabeled images come from more than one.
     unlabeled_domains = sorted({c.domain for c in unlabeled_cases})
     domain_of = torch.tensor([unlabeled_domains.index(c.domain) for c in unlabeled_cases])
+    per_domain = len(unlabeled_domains) > 1
     if labeled_num < cfg.batch_labeled:
         say(f"note: {labeled_num} labeled cases < labeled batch {cfg.batch_labeled}; batches repeat cases")
 
@@ -300,7 +301,7 @@ def train(cfg: TrainConfig, out: Path, resume: bool = False, progress: bool = Tr
                         instances.setdefault(k[:-len(INSTANCES)], []).append(val.detach().float())
                     else:
                         sums[k] = sums.get(k, 0) + val.detach().float()
-                if len(unlabeled_domains) > 1 and views.unlabeled_index is not None:
+                if per_domain:
                     instance_domains.append(domain_of[views.unlabeled_index])
                 count += 1
                 last = t + 1 == cfg.iters

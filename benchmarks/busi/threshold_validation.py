@@ -75,8 +75,9 @@ def main() -> None:
                 mean = result["mean"]
                 rows.append({**run_metadata(HERE.parent.parent), "method": method, "student": student,
                              "threshold": threshold, "domain": args.labeled_domain, "labeled": args.labeled_num,
-                             "validation": args.val_num, "seed": args.seed, "iters": args.iters, "val_dice": round(100 * mean["dice"], 2),
-                             "val_hd95": round(mean["hd95"], 2), "train_s": round(seconds, 1)})
+                             "validation": args.val_num, "seed": args.seed, "iters": args.iters,
+                             "val_dice": round(100 * mean["dice"], 2), "val_hd95": round(mean["hd95"], 2),
+                             "train_s": round(seconds, 1)})
                 print(f"{method} {student} threshold {threshold:g}: validation Dice {rows[-1]['val_dice']:.2f}",
                       flush=True)
                 if trained:

@@ -18,8 +18,7 @@ from torch import nn
 from synfoc.augment import intermediate_sample
 from synfoc.method.losses import ce_dice_loss, cross_entropy
 from synfoc.method.norm import batchnorm_per_part, frozen_batchnorm_stats
-from synfoc.method.synfoc import (INSTANCES, confident_foreground, confident_foreground_per_instance, probs_of,
-                                  pseudo_label, ramp_weight, resize_labels)
+from synfoc.method.synfoc import INSTANCES, confident_foreground, probs_of, pseudo_label, ramp_weight, resize_labels
 from synfoc.views import Views
 
 Step = tuple[torch.Tensor, dict[str, torch.Tensor]]
@@ -104,8 +103,8 @@ class MeanTeacher(SingleModel):
         loss_u = ce_dice_loss(logits_c, intermediate_sample(y_o, q, box_o), box_o | w)
         lam = ramp_weight(t, total)
         loss = loss_x + lam * loss_u
+        fg_batch, fg_instances = confident_foreground(q, w)
         logs = {"loss": loss.detach(), "loss_x": loss_x.detach(), "loss_u": loss_u.detach(),
                 "lambda": torch.tensor(lam), "confident_fraction": w.float().mean(),
-                "confident_foreground": confident_foreground(q, w),
-                "confident_foreground" + INSTANCES: confident_foreground_per_instance(q, w)}
+                "confident_foreground": fg_batch, "confident_foreground" + INSTANCES: fg_instances}
         return loss, logs

@@ -17,13 +17,16 @@ def dice_loss(probs: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | 
     the foreground classes' terms only: the background term counts every pixel, as in the
     published script (method-spec section 9)."""
     onehot = F.one_hot(target.long(), probs.shape[1]).permute(0, 3, 1, 2).to(probs.dtype)
-    inter = (probs * onehot).sum(dim=(0, 2, 3))
-    denom = (probs * probs).sum(dim=(0, 2, 3)) + onehot.sum(dim=(0, 2, 3))
-    if weight is not None:
+    mask = None
+    if weight is not None:   # per class: ones for the background, W for every foreground class
         w = weight.unsqueeze(1).to(probs.dtype)
-        fg_p, fg_y = probs[:, 1:], onehot[:, 1:]
-        inter = torch.cat([inter[:1], (fg_p * fg_y * w).sum(dim=(0, 2, 3))])
-        denom = torch.cat([denom[:1], (fg_p * fg_p * w).sum(dim=(0, 2, 3)) + (fg_y * w).sum(dim=(0, 2, 3))])
+        mask = torch.cat([torch.ones_like(w), w.expand(-1, probs.shape[1] - 1, -1, -1)], dim=1)
+
+    def total(x: torch.Tensor) -> torch.Tensor:
+        return (x if mask is None else x * mask).sum(dim=(0, 2, 3))
+
+    inter = total(probs * onehot)
+    denom = total(probs * probs) + total(onehot)
     return (1 - (2 * inter + DICE_SMOOTH) / (denom + DICE_SMOOTH)).mean()
 
 

@@ -28,7 +28,7 @@ def ramp_weight(t: int, total: int) -> float:
 def resize_probs(p: torch.Tensor, size: int, mode: str = "bilinear") -> torch.Tensor:
     if p.shape[-1] == size:
         return p
-    return F.interpolate(p, size=(size, size), mode=mode, **({"align_corners": False} if mode == "bilinear" else {}))
+    return F.interpolate(p, size=(size, size), mode=mode, align_corners=False if mode == "bilinear" else None)
 
 
 def resize_labels(y: torch.Tensor, size: int) -> torch.Tensor:
@@ -58,14 +58,11 @@ def pseudo_label(p: torch.Tensor, threshold: float) -> tuple[torch.Tensor, torch
 INSTANCES = "@instances"  # a log entry of one value per unlabeled image (a distribution, not a mean)
 
 
-def confident_foreground(q: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """Fraction of the confident pseudo-label pixels that are foreground (0 when none is confident)."""
-    return ((q > 0) & w).sum() / w.sum().clamp(min=1)
-
-
-def confident_foreground_per_instance(q: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """:func:`confident_foreground` of each instance of (B, H, W) label and confidence maps: (B,)."""
-    return ((q > 0) & w).flatten(1).sum(1) / w.flatten(1).sum(1).clamp(min=1)
+def confident_foreground(q: torch.Tensor, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fraction of the confident pseudo-label pixels that are foreground, over the batch and per
+    instance (B,), of (B, H, W) label and confidence maps (0 where none is confident)."""
+    foreground, confident = ((q > 0) & w).flatten(1).sum(1), w.flatten(1).sum(1)
+    return foreground.sum() / confident.sum().clamp(min=1), foreground / confident.clamp(min=1)
 
 
 def empty_prediction(q: torch.Tensor) -> torch.Tensor:
@@ -158,7 +155,7 @@ class SynFoC(nn.Module):
         with torch.no_grad(), frozen_batchnorm_stats(self.unet):
             q_ut_student = labels_of(self.unet(v.uw_u))
         p_ms_hat = resize_probs(p_ms_hat_native, su)
-        q_ut_hat, q_ms_hat = labels_of(p_ut_hat), labels_of(p_ms_hat)
+        q_ut_hat = labels_of(p_ut_hat)
 
         # 5. Self-mutual confidence, per instance and detached (Eqs. 4-6). Mutual confidence is
         #    measured at the foundation model's output size, against the U-Net teacher's labels
@@ -207,20 +204,21 @@ class SynFoC(nn.Module):
         lam = ramp_weight(t, total)
         loss = loss_x + lam * (loss_u + loss_c + loss_d)                    # Eq. (2)
 
+        fg_batch, fg_instances = confident_foreground(q_en_ut, w_en_ut)
         logs = {"loss": loss.detach(), "loss_x": loss_x.detach(), "loss_u": loss_u.detach(),
                 "loss_c": loss_c.detach(), "loss_d": loss_d.detach(), "lambda": torch.tensor(lam),
                 "alpha": alpha_ut.mean(), "self_confidence": self_conf.mean(),
                 "mutual_confidence": mutual_conf.mean(), "confident_fraction": w_en_ut.float().mean(),
-                "confident_foreground": confident_foreground(q_en_ut, w_en_ut),
+                "confident_foreground": fg_batch,
                 # Dice(empty, empty) = 1: where both teachers see no foreground, SMC gives alpha 1
                 "teachers_both_empty": (empty_prediction(q_ut_hat_o)
                                         & empty_prediction(q_ms_hat_native)).float().mean(),
                 "alpha" + INSTANCES: alpha_ut.flatten().detach(),
-                "confident_foreground" + INSTANCES: confident_foreground_per_instance(q_en_ut, w_en_ut)}
+                "confident_foreground" + INSTANCES: fg_instances}
         if v.unlabeled_truth is not None:  # monitoring only: pseudo-label quality (Fig. 6)
             truth = v.unlabeled_truth
             logs["pseudo_dice_unet"] = part_dice(q_ut_hat, truth, self.parts).mean()
-            logs["pseudo_dice_foundation"] = part_dice(q_ms_hat, truth, self.parts).mean()
+            logs["pseudo_dice_foundation"] = part_dice(labels_of(p_ms_hat), truth, self.parts).mean()
             dice_en = part_dice(q_en_ut, truth, self.parts)
             logs["pseudo_dice_ensemble"] = dice_en.mean()
             logs["pseudo_dice_ensemble" + INSTANCES] = dice_en
