@@ -4,8 +4,9 @@ Every column of the paper's tables is a separate run with that domain labeled; i
 mean DSC over the test sets of ALL domains, and "Avg" is the mean of the columns (method-spec
 section 1). The runs live in ``OUT/<variant>/<domain>/`` (plain ``synfoc train`` run folders) and
 the tables in ``OUT/sweep.md``, the numbers behind them in ``OUT/sweep_seeds.csv``. With several
-seeds (``--seeds``) each run gets its own ``OUT/<variant>/<domain>/seed<N>/``, every cell becomes
-mean ± sample std over the seeds, and a table of paired (same seed, same labeled domain)
+seeds each run gets its own ``OUT/<variant>/<domain>/seed<N>/`` (so does every run of a sweep
+given ``--seeds``, even one seed: sweeps split by seed share one OUT), every cell becomes mean ±
+sample std over the seeds, and a table of paired (same seed, same labeled domain)
 SynFoC-minus-baseline differences is added. The sweep is resumable: a finished run (valid
 ``summary.json``) is skipped, an interrupted one (``checkpoint.pt``) continues from its
 checkpoint, anything else starts afresh. Cell values are always read back from each run's
@@ -158,11 +159,12 @@ def parse_seeds(text: str | None, base: int) -> list[int]:
 
 
 # ----------------------------------------------------------------------------- run folders
-def run_folder(out: Path, variant: Variant, domain: str, seed: int, seeds: list[int]) -> Path:
-    """``OUT/<variant>/<domain>/``, or ``.../seed<N>/`` when the sweep has several seeds (a one-seed
-    sweep keeps the layout it always had, so its finished runs stay valid)."""
+def run_folder(out: Path, variant: Variant, domain: str, seed: int, per_seed: bool) -> Path:
+    """``OUT/<variant>/<domain>/seed<N>/`` when the seeds were given (``--seeds``), else
+    ``OUT/<variant>/<domain>/`` (the one seed of the configuration: the layout a sweep without
+    ``--seeds`` always had, so its finished runs stay valid)."""
     folder = out / variant.folder / domain
-    return folder / f"seed{seed}" if len(seeds) > 1 else folder
+    return folder / f"seed{seed}" if per_seed else folder
 
 
 @dataclass
@@ -534,23 +536,26 @@ def seeds_csv(rows: list[dict]) -> str:
     return buf.getvalue()
 
 
-def collect_summaries(out: Path, variants: list[Variant], domains: list[str], seeds: list[int]) -> dict:
+def collect_summaries(out: Path, variants: list[Variant], domains: list[str], seeds: list[int],
+                      per_seed: bool) -> dict:
     """Every run's summary.json (None where it is missing or truncated)."""
-    return {(v, d, s): read_summary(run_folder(out, v, d, s, seeds)) for v in variants for d in domains for s in seeds}
+    return {(v, d, s): read_summary(run_folder(out, v, d, s, per_seed))
+            for v in variants for d in domains for s in seeds}
 
 
 def sweep_tables(out: Path, variants: list[Variant], domains: list[str], seeds: list[int], cfg: TrainConfig,
-                 preset_name: str | None = None, failed: list[str] | None = None) -> tuple[str, str]:
+                 preset_name: str | None = None, failed: list[str] | None = None,
+                 per_seed: bool = True) -> tuple[str, str]:
     """(sweep.md, sweep_seeds.csv) from the run folders' summary.json files alone; nothing trains."""
-    summaries = collect_summaries(out, variants, domains, seeds)
+    summaries = collect_summaries(out, variants, domains, seeds, per_seed)
     return (sweep_markdown(variants, domains, summaries, cfg, preset_name, failed, seeds),
             seeds_csv(seed_rows(variants, domains, summaries, seeds)))
 
 
 def write_tables(out: Path, variants: list[Variant], domains: list[str], seeds: list[int], cfg: TrainConfig,
-                 preset_name: str | None = None, failed: list[str] | None = None) -> str:
+                 preset_name: str | None = None, failed: list[str] | None = None, per_seed: bool = True) -> str:
     """Write OUT/sweep.md and OUT/sweep_seeds.csv; returns the Markdown."""
-    text, table = sweep_tables(out, variants, domains, seeds, cfg, preset_name, failed)
+    text, table = sweep_tables(out, variants, domains, seeds, cfg, preset_name, failed, per_seed)
     out.mkdir(parents=True, exist_ok=True)
     (out / TABLES).write_text(text)
     (out / SEEDS_CSV).write_text(table)
@@ -589,7 +594,9 @@ def plan_sweep(cfg: TrainConfig, variants: list[Variant], domains: list[str] | N
                seeds: list[int] | None = None):
     """(labeled domains, planned runs): checks the dataset and every run's split before anything
     trains, so a mistake costs seconds, not the first run's hours. Seeds are the outer loop, so a
-    multi-seed sweep has a complete table for its first seed before it starts the second."""
+    multi-seed sweep has a complete table for its first seed before it starts the second. Given
+    seeds (``--seeds``) put every run in a ``seed<N>/`` folder; None means the configured seed alone."""
+    per_seed = seeds is not None
     from synfoc.data import check_domains, split_labeled
     from synfoc.data.base import DataError
     from synfoc.data.source import open_index
@@ -607,16 +614,17 @@ def plan_sweep(cfg: TrainConfig, variants: list[Variant], domains: list[str] | N
     check_domains(index, cfg.test_domains, "--test-domains")
     for domain in domains:   # raises DataError early
         split_labeled(index, domain, cfg.labeled_num, cfg.labeled_ratio, cfg.unlabeled_domains)
-    runs = [plan_run(v, d, run_folder(out, v, d, s, seeds),
+    runs = [plan_run(v, d, run_folder(out, v, d, s, per_seed),
                      cfg.update({"labeled_domain": d, "seed": s, **v.overrides()}, "sweep"))
             for s in seeds for v in variants for d in domains]
     return domains, runs
 
 
-def single_seed_leftovers(out: Path, variants: list[Variant], domains: list[str], seeds: list[int]) -> list[Path]:
-    """Runs of a one-seed sweep (OUT/<variant>/<domain>/summary.json) in the folder of a multi-seed
-    sweep: they are not counted, but moving one into seed<N>/ (N its seed) makes the sweep reuse it."""
-    if len(seeds) < 2:
+def single_seed_leftovers(out: Path, variants: list[Variant], domains: list[str], per_seed: bool) -> list[Path]:
+    """Runs of a sweep without ``--seeds`` (OUT/<variant>/<domain>/summary.json) in the folder of one
+    with seed folders: they are not counted, but moving one into seed<N>/ (N its seed) makes the
+    sweep reuse it."""
+    if not per_seed:
         return []
     return [out / v.folder / d for v in variants for d in domains
             if (out / v.folder / d / SUMMARY).is_file() or (out / v.folder / d / CHECKPOINT).is_file()]
@@ -626,36 +634,36 @@ def run_sweep(cfg: TrainConfig, variants: list[Variant], domains: list[str] | No
               preset_name: str | None = None, progress: bool = True, seeds: list[int] | None = None,
               tables_only: bool = False) -> tuple[str, list[str]]:
     """Train every missing run (none with ``tables_only``), then write OUT/sweep.md and
-    OUT/sweep_seeds.csv; returns (the Markdown, failed runs)."""
+    OUT/sweep_seeds.csv; returns (the Markdown, failed runs). ``seeds``: those given with ``--seeds``
+    (each run in a seed<N>/ folder), or None for the configured seed alone."""
     from synfoc.data.base import DataError
     from synfoc.errors import TrainingError
     from synfoc.train import train
 
-    seeds = seeds or [cfg.seed]
+    domains, runs = plan_sweep(cfg, variants, domains, out, seeds)
+    per_seed, seeds = seeds is not None, seeds or [cfg.seed]
     master = int(os.environ.get("RANK", 0)) == 0
     say = (lambda *a: print(*a, flush=True)) if master else (lambda *a: None)
-    domains, runs = plan_sweep(cfg, variants, domains, out, seeds)
     counts = {s: sum(r.state == s for r in runs) for s in ("done", "resume", "fresh")}
     seed_text = f" x {len(seeds)} seeds" if len(seeds) > 1 else ""
     todo = (f"{len(runs) - counts['done']} not trained (--tables-only)" if tables_only
             else f"{counts['resume']} to resume, {counts['fresh']} to train")
     say(f"sweep: {len(runs)} runs ({len(variants)} method(s) x {len(domains)} labeled domain(s){seed_text}): "
         f"{counts['done']} done, {todo}")
-    for folder in single_seed_leftovers(out, variants, domains, seeds):
-        say(f"note: {folder} holds a one-seed run, which this {len(seeds)}-seed sweep does not count; "
+    for folder in single_seed_leftovers(out, variants, domains, per_seed):
+        say(f"note: {folder} holds a run of a sweep without --seeds, which this sweep does not count; "
             f"move it into {folder}/seed<N>/ (N: the seed in its config.yaml) to reuse it")
     failed: list[str] = []
 
     def tables() -> str:
         if not master:
             return ""
-        return write_tables(out, variants, domains, seeds, cfg, preset_name, failed)
+        return write_tables(out, variants, domains, seeds, cfg, preset_name, failed, per_seed)
 
     if tables_only:
         return tables(), failed
-    multi = len(seeds) > 1
     for i, run in enumerate(runs, 1):
-        where = f"{run.variant.folder} / {run.domain}" + (f" / seed {run.seed}" if multi else "")
+        where = f"{run.variant.folder} / {run.domain}" + (f" / seed {run.seed}" if per_seed else "")
         name = f"[{i}/{len(runs)}] {where}"
         if run.state == "done":
             say(f"{name}: done, skipping ({run.folder / SUMMARY})")
@@ -680,7 +688,7 @@ def main(args: argparse.Namespace) -> int:
     cfg = base_config(args)
     prepare_process(cfg)
     variants = parse_variants(args.methods, args.alpha, args.consistency)
-    seeds = parse_seeds(args.seeds, cfg.seed)
+    seeds = parse_seeds(args.seeds, cfg.seed) if args.seeds is not None else None
     domains = [d.strip() for d in args.labeled_domains.split(",") if d.strip()] if args.labeled_domains else None
     out = Path(args.out)
     text, failed = run_sweep(cfg, variants, domains, out, args.preset, progress=not args.no_progress,

@@ -334,6 +334,24 @@ def test_tables_only_rebuilds_the_same_tables_without_training(seeded, tmp_path,
     assert not any(r[1:4] == ("unet", "malignant", 12) for r in csv_rows(out) if r[0] == "suponly-unet")
 
 
+def test_one_listed_seed_reads_its_seed_folders(seeded, tmp_path, capsys):
+    """``--seeds 12,`` (one seed, as a sweep split by seed gives it) uses the seed<N>/ folders too."""
+    dataset, original = seeded
+    out = tmp_path / "out"
+    shutil.copytree(original, out, ignore=shutil.ignore_patterns("tensorboard"))
+    before = snapshot(out)
+    capsys.readouterr()
+    assert sweep(dataset, out, "--methods", SEEDED_METHODS, "--seeds", "12,", "--tables-only") == 0
+    assert "training in" not in capsys.readouterr().out
+    text = (out / "sweep.md").read_text()
+    assert "4 of 4 runs finished" in text
+    supervised = next(r for r in section(text, "DSC by labeled domain") if r[0] == "SupOnly_U-Net")
+    for cell, domain in zip(supervised[1:3], DOMAINS):
+        assert cell == f"{100 * summary_of(out, 'suponly-unet', domain, 12)['students']['unet']['mean']['dice']:.2f}"
+    assert {r[3] for r in csv_rows(out)} == {12}
+    assert snapshot(out) == before
+
+
 def test_multi_seed_sweep_names_one_seed_runs_it_does_not_count(swept, tmp_path, capsys):
     dataset, original = swept
     out = tmp_path / "out"
@@ -341,7 +359,7 @@ def test_multi_seed_sweep_names_one_seed_runs_it_does_not_count(swept, tmp_path,
     capsys.readouterr()
     assert sweep(dataset, out, "--methods", "suponly-unet", "--seeds", "2", "--tables-only") == 0
     printed = capsys.readouterr().out
-    assert printed.count("holds a one-seed run") == 2 and "0 done" in printed
+    assert printed.count("holds a run of a sweep without --seeds") == 2 and "0 done" in printed
 
 
 # ----------------------------------------------------------------------------- no training needed
