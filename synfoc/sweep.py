@@ -591,17 +591,15 @@ def base_config(args: argparse.Namespace) -> TrainConfig:
 
 
 def plan_sweep(cfg: TrainConfig, variants: list[Variant], domains: list[str] | None, out: Path,
-               seeds: list[int] | None = None):
+               seeds: list[int], per_seed: bool):
     """(labeled domains, planned runs): checks the dataset and every run's split before anything
     trains, so a mistake costs seconds, not the first run's hours. Seeds are the outer loop, so a
-    multi-seed sweep has a complete table for its first seed before it starts the second. Given
-    seeds (``--seeds``) put every run in a ``seed<N>/`` folder; None means the configured seed alone."""
-    per_seed = seeds is not None
+    multi-seed sweep has a complete table for its first seed before it starts the second;
+    ``per_seed``: every run in a ``seed<N>/`` folder (:func:`run_folder`)."""
     from synfoc.data import check_domains, split_labeled
     from synfoc.data.base import DataError
     from synfoc.data.source import open_index
 
-    seeds = seeds or [cfg.seed]
     index = open_index(cfg)
     if index.problems and not (cfg.skip_bad and cfg.dataset != "synthetic"):
         raise DataError(f"the dataset has {len(index.problems)} problem(s) (first: {index.problems[0].file}: "
@@ -640,8 +638,8 @@ def run_sweep(cfg: TrainConfig, variants: list[Variant], domains: list[str] | No
     from synfoc.errors import TrainingError
     from synfoc.train import train
 
-    domains, runs = plan_sweep(cfg, variants, domains, out, seeds)
     per_seed, seeds = seeds is not None, seeds or [cfg.seed]
+    domains, runs = plan_sweep(cfg, variants, domains, out, seeds, per_seed)
     master = int(os.environ.get("RANK", 0)) == 0
     say = (lambda *a: print(*a, flush=True)) if master else (lambda *a: None)
     counts = {s: sum(r.state == s for r in runs) for s in ("done", "resume", "fresh")}

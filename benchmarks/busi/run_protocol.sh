@@ -36,13 +36,13 @@ complete_seeds() {  # the seeds whose ten runs (five methods x two labeled domai
     done; done
     [ $ok = 1 ] && seeds+=("$s")
   done
-  local IFS=,; echo "${seeds[*]},"   # a comma list, also for one seed (a bare number is a count)
+  local IFS=,; echo "${seeds[*]}"
 }
 tables() {  # sweep.md (the paper's Table 6 layout, mean ± std over seeds, paired differences), sweep_seeds.csv
   local seeds; seeds=$(complete_seeds)
-  if [ "$seeds" = "," ]; then echo "tables: no seed has all ten runs in $KEEP yet" >&2; return 0; fi
+  if [ -z "$seeds" ]; then echo "tables: no seed has all ten runs in $KEEP yet" >&2; return 0; fi
   "${PY:-python}" -P -m synfoc sweep --tables-only "${COMMON[@]}" --out "$KEEP" \
-    --methods "$(IFS=,; echo "${ALL_METHODS[*]}")" --labeled-domains benign,malignant --seeds "$seeds"
+    --methods "$(IFS=,; echo "${ALL_METHODS[*]}")" --labeled-domains benign,malignant --seeds "$seeds,"   # a list, also for one seed (a bare number is a count)
 }
 if [ -n "${TABLES_ONLY:-}" ]; then tables; exit; fi
 for SEED in $SEEDS; do
