@@ -1,6 +1,6 @@
 """Choose the embedded default's settings on a validation split of the synthetic set, never its test set.
 
-The demo (preset ``demo``) trains for 100 iterations, where two of the paper's proportions break:
+The demo (preset ``demo``) trains for 60 iterations, where two of the paper's proportions break:
 the EMA teachers' warm-up ``min(1 - 1/(t+1), 0.99)`` makes each teacher the plain average of every
 student so far for the whole run, and the foundation model works at half the U-Net's resolution
 (the paper's MedSAM works at twice it). Each variant (preset overrides such as ``unet_size=64`` or
