@@ -224,6 +224,26 @@ class FastStep:
             self.trace.append({k: float(v) for k, v in logs.items() if v.numel() == 1})  # not per-instance logs
 
 
+def count_cpu_attention_flops() -> None:
+    """Teach FlopCounterMode the CPU's fused attention kernel. It counts CUDA's fused attention and
+    explicit matmuls, but not ``_scaled_dot_product_flash_attention_for_cpu``: without this, swapping
+    explicit attention for the fused kernel would count fewer FLOPs for the same arithmetic."""
+    from torch.utils.flop_counter import flop_registry, register_flop_formula, sdpa_flop_count
+    aten = torch.ops.aten
+    if aten._scaled_dot_product_flash_attention_for_cpu in flop_registry:
+        return
+
+    @register_flop_formula(aten._scaled_dot_product_flash_attention_for_cpu)
+    def _forward(query, key, value, *args, out_shape=None, **kwargs) -> int:  # shapes, not tensors
+        return sdpa_flop_count(query, key, value)
+
+    @register_flop_formula(aten._scaled_dot_product_flash_attention_for_cpu_backward)
+    def _backward(grad_out, query, key, value, *args, out_shape=None, **kwargs) -> int:
+        # the model's backward: four matmuls, twice the forward (the fused kernel also recomputes
+        # the scores, which model FLOPs do not count, as they do not count checkpointing's)
+        return 2 * sdpa_flop_count(query, key, value)
+
+
 def count_flops(runner, t: int, total: int) -> int:
     """FLOPs of one iteration (forward + backward), as counted by FlopCounterMode: the model's
     FLOPs, without gradient checkpointing's recomputation (the usual convention for utilisation)."""
@@ -233,6 +253,7 @@ def count_flops(runner, t: int, total: int) -> int:
     # Counted in fp32 (the same operations and FLOPs): FlopCounterMode fails on SAM's
     # relative-position einsum under bf16 autocast.
     runner.rt = dataclasses.replace(rt, dtype=None)
+    count_cpu_attention_flops()
     counter = FlopCounterMode(display=False)
     try:
         with counter:

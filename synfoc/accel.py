@@ -227,8 +227,8 @@ class Kernel:
 KERNELS: dict[str, Kernel] = {k.name: k for k in (
     Kernel("channel_layer_norm", "SAM's LayerNorm2d (encoder neck, mask decoder)", BF16_CPU,
            lambda: cpu.cpu_has_bf16(), _layer_norm_2d),
-    Kernel("tinyvit_attention", "TinyViT's window Attention", BF16_CPU,
-           lambda: cpu.cpu_has_bf16(), _tinyvit_attention),
+    Kernel("tinyvit_attention", "TinyViT's window Attention", ONEDNN,
+           lambda: cpu.onednn_kernels(torch.float32), _tinyvit_attention),
     # The two BatchNorm foldings pay in fp32 as well (AVX2 CPUs): every x86-64 CPU with oneDNN.
     Kernel("folded_conv_bn", "TinyViT's Conv2d_BN (eval mode)", ONEDNN,
            lambda: cpu.onednn_kernels(torch.float32), _conv2d_bn),

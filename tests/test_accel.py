@@ -123,13 +123,13 @@ def test_accelerate_is_a_no_op_without_the_cpu_features(monkeypatch):
 
 
 def test_kernels_are_chosen_by_cpu_feature(monkeypatch):
-    """An x86-64 CPU without bf16 arithmetic (AVX2): the two BatchNorm foldings, which pay in fp32
-    too; with bf16 arithmetic: all of them (a fused convolution without oneDNN's bf16 kernels falls
-    back at call time); CUDA: none."""
+    """An x86-64 CPU without bf16 arithmetic (AVX2): the window attention and the two BatchNorm
+    foldings, which pay in fp32 too; with bf16 arithmetic: all of them (a fused convolution without
+    oneDNN's bf16 kernels falls back at call time); CUDA: none."""
     monkeypatch.delenv("SYNFOC_NO_ACCEL", raising=False)
     monkeypatch.setattr(cpu, "onednn_kernels", lambda dtype: dtype == torch.float32)
     monkeypatch.setattr(cpu, "cpu_has_bf16", lambda: False)
-    assert accel.available_kernels("cpu") == ["folded_conv_bn", "tinyvit_fused_convs"]
+    assert accel.available_kernels("cpu") == ["tinyvit_attention", "folded_conv_bn", "tinyvit_fused_convs"]
     monkeypatch.setattr(cpu, "cpu_has_bf16", lambda: True)
     assert accel.available_kernels("cpu") == list(accel.KERNELS)
     assert accel.available_kernels("cuda") == [] and accel.available_kernels(torch.device("cuda", 0)) == []
@@ -254,6 +254,28 @@ def test_window_attention_bf16_kernels_match_fp32_values_and_gradients(tokens, l
     grads = torch.autograd.grad(explicit.float().square().sum(), lora)
     for grad, reference in zip(grads, expected_grads):
         assert F.cosine_similarity(grad.flatten().float(), reference.flatten(), dim=0) > 0.99
+
+
+@pytest.mark.parametrize("tokens", [49, 196])
+def test_window_attention_fp32_matches_values_and_gradients(tokens, lite_plain):
+    """fp32 with a gradient (the student on a CPU without bf16): the fused kernel gives the written-out
+    attention's values and the gradients of the input and of the LoRA factors."""
+    model = _accelerated(lite_plain, "tinyvit_attention")
+    attention = next(m for m in model.image_encoder.modules()
+                     if type(m).__name__ == "TinyViTWindowAttention" and m.attention_bias_idxs.shape[0] == tokens)
+    torch.manual_seed(3)
+    with torch.no_grad():
+        attention.attention_biases.normal_()
+    wrt = [p for name, p in attention.named_parameters() if "lora_" in name]
+    assert wrt
+    x = torch.randn(4, tokens, attention.norm.normalized_shape[0], requires_grad=True)
+    expected = _attention_reference(attention, x)
+    expected_grads = torch.autograd.grad(expected.square().sum(), [x, *wrt])
+    got = attention(x)
+    grads = torch.autograd.grad(got.square().sum(), [x, *wrt])
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+    for g, e in zip(grads, expected_grads):
+        torch.testing.assert_close(g, e, rtol=1e-3, atol=1e-4)
 
 
 def test_folded_conv_bn_matches_convolution_then_batchnorm(lite_plain):

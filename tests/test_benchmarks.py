@@ -156,3 +156,25 @@ def test_rows_since_a_commit_follow_git_history():
     head, parent = head.stdout.strip(), parent.stdout.strip()
     assert git_is_ancestor(ROOT, parent, head) and git_is_ancestor(ROOT, head, head + "-dirty")
     assert not git_is_ancestor(ROOT, head, parent)
+
+
+def test_fused_cpu_attention_counts_the_flops_of_the_explicit_matmuls():
+    """FlopCounterMode with step_time's registration counts the CPU's fused attention (forward and
+    backward) as the explicit q k^T, softmax, (.) v sequence it replaces."""
+    from torch.utils.flop_counter import FlopCounterMode
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import step_time
+    import torch
+    step_time.count_cpu_attention_flops()
+    q, k, v = (torch.randn(3, 2, 49, 16, requires_grad=True) for _ in range(3))
+    mask = torch.randn(1, 2, 49, 49)
+
+    def counted(attention) -> int:
+        counter = FlopCounterMode(display=False)
+        with counter:
+            attention().square().sum().backward()
+        return counter.get_total_flops()
+
+    fused = counted(lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask))
+    explicit = counted(lambda: torch.softmax(q @ k.transpose(-2, -1) / 4 + mask, dim=-1) @ v)
+    assert fused == explicit == 3 * (2 * 2 * 3 * 2 * 49 * 49 * 16)   # forward 2 matmuls, backward 4
