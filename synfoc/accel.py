@@ -7,10 +7,10 @@ to a subclass that computes the same function. Parameters, buffers and their nam
 so state dicts and weight files do not change, and a teacher copied from an accelerated student is
 accelerated too.
 
-The kernels were chosen and measured for bf16 training on CPUs with bf16 arithmetic (AMX-BF16 or
-AVX512-BF16). :func:`accelerate` applies the entries this machine has (:func:`available_kernels`,
-asked of :mod:`synfoc.cpu`); on CUDA, or on a CPU without the feature an entry needs, it leaves the
-model alone. A swapped module still checks at each call what its fast path needs (the autocast
+Each kernel was kept for a whole-step gain on x86-64 CPUs, with bf16 arithmetic (bf16 autocast) and
+without (AVX2, fp32) alike. :func:`accelerate` applies the entries this machine has
+(:func:`available_kernels`, asked of :mod:`synfoc.cpu`); on CUDA, or on a CPU without what an entry
+needs (oneDNN, which PyTorch has on x86-64 only), it leaves the model alone. A swapped module still checks at each call what its fast path needs (the autocast
 dtype, whether a gradient is wanted, whether oneDNN runs the dtype here) and otherwise runs the plain
 module's forward, so an accelerated model also computes correctly in fp32, or on a machine it was
 not built on.
@@ -208,7 +208,6 @@ def _tinyvit_conv_block(m: nn.Module) -> type | None:
 
 
 # ----------------------------------------------------------------------------- the table
-BF16_CPU = "AMX-BF16 or AVX512-BF16"
 ONEDNN = "oneDNN's fused convolution (x86-64)"
 
 
@@ -225,8 +224,8 @@ class Kernel:
 
 
 KERNELS: dict[str, Kernel] = {k.name: k for k in (
-    Kernel("channel_layer_norm", "SAM's LayerNorm2d (encoder neck, mask decoder)", BF16_CPU,
-           lambda: cpu.cpu_has_bf16(), _layer_norm_2d),
+    Kernel("channel_layer_norm", "SAM's LayerNorm2d (encoder neck, mask decoder)", ONEDNN,
+           lambda: cpu.onednn_kernels(torch.float32), _layer_norm_2d),
     Kernel("tinyvit_attention", "TinyViT's window Attention", ONEDNN,
            lambda: cpu.onednn_kernels(torch.float32), _tinyvit_attention),
     # The two BatchNorm foldings pay in fp32 as well (AVX2 CPUs): every x86-64 CPU with oneDNN.

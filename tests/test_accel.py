@@ -123,15 +123,16 @@ def test_accelerate_is_a_no_op_without_the_cpu_features(monkeypatch):
 
 
 def test_kernels_are_chosen_by_cpu_feature(monkeypatch):
-    """An x86-64 CPU without bf16 arithmetic (AVX2): the window attention and the two BatchNorm
-    foldings, which pay in fp32 too; with bf16 arithmetic: all of them (a fused convolution without
-    oneDNN's bf16 kernels falls back at call time); CUDA: none."""
+    """An x86-64 CPU (oneDNN), with bf16 arithmetic or without (AVX2): every kernel, each of which
+    pays in fp32 too (a fused convolution without oneDNN's bf16 kernels falls back at call time);
+    without oneDNN (ARM): none; CUDA: none."""
     monkeypatch.delenv("SYNFOC_NO_ACCEL", raising=False)
     monkeypatch.setattr(cpu, "onednn_kernels", lambda dtype: dtype == torch.float32)
-    monkeypatch.setattr(cpu, "cpu_has_bf16", lambda: False)
-    assert accel.available_kernels("cpu") == ["tinyvit_attention", "folded_conv_bn", "tinyvit_fused_convs"]
-    monkeypatch.setattr(cpu, "cpu_has_bf16", lambda: True)
-    assert accel.available_kernels("cpu") == list(accel.KERNELS)
+    for bf16 in (False, True):
+        monkeypatch.setattr(cpu, "cpu_has_bf16", lambda: bf16)
+        assert accel.available_kernels("cpu") == list(accel.KERNELS)
+    monkeypatch.setattr(cpu, "onednn_kernels", lambda dtype: False)
+    assert accel.available_kernels("cpu") == []
     assert accel.available_kernels("cuda") == [] and accel.available_kernels(torch.device("cuda", 0)) == []
     with pytest.raises(ValueError, match="unknown kernel"):
         accel.accelerate(build_unet(1, 1, 4), "cpu", ["no_such_kernel"])
