@@ -10,8 +10,8 @@ accelerated too.
 Each kernel was kept for a whole-step gain on x86-64 CPUs, with bf16 arithmetic (bf16 autocast) and
 without (AVX2, fp32) alike. :func:`accelerate` applies the entries this machine has
 (:func:`available_kernels`, asked of :mod:`synfoc.cpu`); on CUDA, or on a CPU without what an entry
-needs (oneDNN, which PyTorch has on x86-64 only), it leaves the model alone. A swapped module still checks at each call what its fast path needs (the autocast
-dtype, whether a gradient is wanted, whether oneDNN runs the dtype here) and otherwise runs the plain
+needs (oneDNN, which PyTorch has on x86-64 only), it leaves the model alone. A swapped module still
+checks at each call what its fast path needs (the autocast dtype, whether a gradient is wanted, whether oneDNN runs the dtype here) and otherwise runs the plain
 module's forward, so an accelerated model also computes correctly in fp32, or on a machine it was
 not built on.
 
@@ -209,6 +209,7 @@ def _tinyvit_conv_block(m: nn.Module) -> type | None:
 
 # ----------------------------------------------------------------------------- the table
 ONEDNN = "oneDNN's fused convolution (x86-64)"
+X86 = "an x86-64 CPU (where PyTorch has oneDNN; measured there only)"
 
 
 @dataclass(frozen=True)
@@ -224,11 +225,11 @@ class Kernel:
 
 
 KERNELS: dict[str, Kernel] = {k.name: k for k in (
-    Kernel("channel_layer_norm", "SAM's LayerNorm2d (encoder neck, mask decoder)", ONEDNN,
+    # Every kernel pays in fp32 as well (AVX2 CPUs), so all apply on every x86-64 CPU.
+    Kernel("channel_layer_norm", "SAM's LayerNorm2d (encoder neck, mask decoder)", X86,
            lambda: cpu.onednn_kernels(torch.float32), _layer_norm_2d),
-    Kernel("tinyvit_attention", "TinyViT's window Attention", ONEDNN,
+    Kernel("tinyvit_attention", "TinyViT's window Attention", X86,
            lambda: cpu.onednn_kernels(torch.float32), _tinyvit_attention),
-    # The two BatchNorm foldings pay in fp32 as well (AVX2 CPUs): every x86-64 CPU with oneDNN.
     Kernel("folded_conv_bn", "TinyViT's Conv2d_BN (eval mode)", ONEDNN,
            lambda: cpu.onednn_kernels(torch.float32), _conv2d_bn),
     Kernel("tinyvit_fused_convs", "TinyViT's PatchEmbed, MBConv, PatchMerging without gradient",
