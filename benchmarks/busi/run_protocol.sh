@@ -12,8 +12,8 @@
 # benchmarks/results/busi/v2) with the same layout, to be committed. A
 # finished run is skipped and an interrupted one resumes, so the script can be stopped and started
 # again across sessions. The tables are `synfoc sweep --tables-only` over those files, for every seed
-# whose ten runs are all in (TABLES_ONLY=1 bash benchmarks/busi/run_protocol.sh: the tables alone,
-# nothing trained).
+# with a kept run (TABLES_ONLY=1 bash benchmarks/busi/run_protocol.sh: the tables alone, nothing
+# trained).
 # To keep the code fixed while the tree changes, run it with a python that imports synfoc from a
 # worktree at a fixed commit (PY=...; -P keeps the current folder off the import path;
 # environment.jsonl records the commit).
@@ -27,21 +27,16 @@ KEEP=${KEEP:-benchmarks/results/busi}
 COMMON=(--preset busi --dataset "$DATA" --labeled-ratio 0.125 --iters 1000 --unet-size 128 --unet-width 16
         --foundation litemedsam --image-size 128 --batch-labeled 2 --batch-unlabeled 2 --no-progress)
 ALL_METHODS=(suponly-unet base-unet samed base-foundation synfoc)
-complete_seeds() {  # the seeds whose ten runs (five methods x two labeled domains) are all kept here
-  local seeds=() s m d ok
-  for s in $(ls -d "$KEEP"/*/*/seed* 2>/dev/null | sed 's/.*seed//' | sort -un); do
-    ok=1
-    for m in "${ALL_METHODS[@]}"; do for d in benign malignant; do
-      [ -f "$KEEP/$m/$d/seed$s/summary.json" ] || ok=0
-    done; done
-    [ $ok = 1 ] && seeds+=("$s")
-  done
-  local IFS=,; echo "${seeds[*]}"
+kept_seeds() {  # every seed with at least one run kept here
+  ls -d "$KEEP"/*/*/seed* 2>/dev/null | sed 's/.*seed//' | sort -un | paste -sd, -
 }
 tables() {  # sweep.md (the paper's Table 6 layout, mean ± std over seeds, paired differences), sweep_seeds.csv
-  local seeds; seeds=$(complete_seeds)
-  if [ -z "$seeds" ]; then echo "tables: no seed has all ten runs in $KEEP yet" >&2; return 0; fi
-  "${PY:-python}" -P -m synfoc sweep --tables-only "${COMMON[@]}" --out "$KEEP" \
+  # Every seed with a kept run: a cell averaged over fewer seeds than the others is marked `*`, and a
+  # paired difference counts the seeds where both of its runs are in. The tables come from the
+  # checkout's synfoc (TABLES_PY, default python), not from PY's fixed training code.
+  local seeds; seeds=$(kept_seeds)
+  if [ -z "$seeds" ]; then echo "tables: no run kept in $KEEP yet" >&2; return 0; fi
+  "${TABLES_PY:-python}" -P -m synfoc sweep --tables-only "${COMMON[@]}" --out "$KEEP" \
     --methods "$(IFS=,; echo "${ALL_METHODS[*]}")" --labeled-domains benign,malignant --seeds "$seeds,"   # a list, also for one seed (a bare number is a count)
 }
 if [ -n "${TABLES_ONLY:-}" ]; then tables; exit; fi
