@@ -227,18 +227,24 @@ def _attention_reference(attention, x: torch.Tensor) -> torch.Tensor:
     return attention.proj((weights @ v).transpose(1, 2).reshape(batch, tokens, attention.dh))
 
 
+def _window_attention(lite_plain, tokens: int, seed: int):
+    """The accelerated window attention of ``tokens`` tokens from a copy of ``lite_plain``, its bias
+    table drawn (``seed``), and its LoRA factors."""
+    model = _accelerated(lite_plain, "tinyvit_attention")
+    attention = next(m for m in model.image_encoder.modules()
+                     if type(m).__name__ == "TinyViTWindowAttention" and m.attention_bias_idxs.shape[0] == tokens)
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        attention.attention_biases.normal_()
+    return attention, [p for name, p in attention.named_parameters() if "lora_" in name]
+
+
 @pytest.mark.parametrize("tokens", [49, 196])
 def test_window_attention_bf16_kernels_match_fp32_values_and_gradients(tokens, lite_plain):
     """Both CPU bf16 paths (explicit with a gradient, fused without) and the fp32 path agree with an
     fp32 computation written out here, for TinyViT's 7x7 and 14x14 windows; the bf16 gradient of the
     LoRA factors follows the fp32 one."""
-    model = _accelerated(lite_plain, "tinyvit_attention")
-    attention = next(m for m in model.image_encoder.modules()
-                     if type(m).__name__ == "TinyViTWindowAttention" and m.attention_bias_idxs.shape[0] == tokens)
-    torch.manual_seed(2)
-    with torch.no_grad():
-        attention.attention_biases.normal_()
-    lora = [p for name, p in attention.named_parameters() if "lora_" in name]
+    attention, lora = _window_attention(lite_plain, tokens, seed=2)
     x = torch.randn(8, tokens, attention.norm.normalized_shape[0])
 
     expected = _attention_reference(attention, x)
@@ -261,13 +267,7 @@ def test_window_attention_bf16_kernels_match_fp32_values_and_gradients(tokens, l
 def test_window_attention_fp32_matches_values_and_gradients(tokens, lite_plain):
     """fp32 with a gradient (the student on a CPU without bf16): the fused kernel gives the written-out
     attention's values and the gradients of the input and of the LoRA factors."""
-    model = _accelerated(lite_plain, "tinyvit_attention")
-    attention = next(m for m in model.image_encoder.modules()
-                     if type(m).__name__ == "TinyViTWindowAttention" and m.attention_bias_idxs.shape[0] == tokens)
-    torch.manual_seed(3)
-    with torch.no_grad():
-        attention.attention_biases.normal_()
-    wrt = [p for name, p in attention.named_parameters() if "lora_" in name]
+    attention, wrt = _window_attention(lite_plain, tokens, seed=3)
     assert wrt
     x = torch.randn(4, tokens, attention.norm.normalized_shape[0], requires_grad=True)
     expected = _attention_reference(attention, x)
