@@ -11,9 +11,9 @@ Each kernel was kept for a whole-step gain on x86-64 CPUs, with bf16 arithmetic 
 without (AVX2, fp32) alike. :func:`accelerate` applies the entries this machine has
 (:func:`available_kernels`, asked of :mod:`synfoc.cpu`); on CUDA, or on a CPU without what an entry
 needs (oneDNN, which PyTorch has on x86-64 only), it leaves the model alone. A swapped module still
-checks at each call what its fast path needs (the autocast dtype, whether a gradient is wanted, whether oneDNN runs the dtype here) and otherwise runs the plain
-module's forward, so an accelerated model also computes correctly in fp32, or on a machine it was
-not built on.
+checks at each call what its fast path needs (the autocast dtype, whether a gradient is wanted,
+whether oneDNN runs the dtype here) and otherwise runs the plain module's forward, so an accelerated
+model also computes correctly in fp32, or on a machine it was not built on.
 
 ``synfoc train`` applies it, and ``synfoc evaluate`` (so that re-evaluating a run reproduces its
 summary); ``predict`` and ``report`` run the plain models; the benchmarks choose
@@ -212,6 +212,12 @@ ONEDNN = "oneDNN's fused convolution (x86-64)"
 X86 = "an x86-64 CPU (where PyTorch has oneDNN; measured there only)"
 
 
+def _onednn_fp32() -> bool:
+    """oneDNN runs fp32 here (every x86-64 build of PyTorch): what each kernel below needs, since
+    each pays in fp32 as well as in bf16."""
+    return cpu.onednn_kernels(torch.float32)
+
+
 @dataclass(frozen=True)
 class Kernel:
     """One faster implementation: ``swap(module)`` is the class to give a module it replaces (None
@@ -225,16 +231,15 @@ class Kernel:
 
 
 KERNELS: dict[str, Kernel] = {k.name: k for k in (
-    # Every kernel pays in fp32 as well (AVX2 CPUs), so all apply on every x86-64 CPU.
     Kernel("channel_layer_norm", "SAM's LayerNorm2d (encoder neck, mask decoder)", X86,
-           lambda: cpu.onednn_kernels(torch.float32), _layer_norm_2d),
+           _onednn_fp32, _layer_norm_2d),
     Kernel("tinyvit_attention", "TinyViT's window Attention", X86,
-           lambda: cpu.onednn_kernels(torch.float32), _tinyvit_attention),
+           _onednn_fp32, _tinyvit_attention),
     Kernel("folded_conv_bn", "TinyViT's Conv2d_BN (eval mode)", ONEDNN,
-           lambda: cpu.onednn_kernels(torch.float32), _conv2d_bn),
+           _onednn_fp32, _conv2d_bn),
     Kernel("tinyvit_fused_convs", "TinyViT's PatchEmbed, MBConv, PatchMerging without gradient",
            f"{ONEDNN}; in bf16 also oneDNN's bf16 kernels ({cpu.ONEDNN_BF16_ISAS})",
-           lambda: cpu.onednn_kernels(torch.float32), _tinyvit_conv_block),
+           _onednn_fp32, _tinyvit_conv_block),
 )}
 
 
