@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import math
+import random
 import subprocess
 import sys
 from pathlib import Path
@@ -111,6 +112,38 @@ def test_curves_phase_means_average_the_log_rows_of_each_phase(tmp_path):
         steps = [s for s in range(10, 1001, 10) if lo <= s <= hi]
         assert m == sum(steps) / len(steps)
     assert phase_means(history, "y") == [None] * (len(PHASES) - 1) + [1.0]
+
+
+def test_curves_spearman_matches_scipy_with_ties():
+    sys.path.insert(0, str(ROOT / "benchmarks" / "busi"))
+    from curves import spearman
+    from scipy.stats import spearmanr
+    rng = random.Random(3)
+    for _ in range(20):
+        x = [rng.choice([0.0, 0.001, 0.01, 0.02, 0.03]) for _ in range(12)]   # ties, as in logged shares
+        y = [rng.gauss(0, 4) for _ in range(12)]
+        assert spearman(x, y) == pytest.approx(spearmanr(x, y).statistic, abs=1e-12)
+
+
+def test_curves_gain_pairs_each_student_with_its_baseline_by_seed_and_domain(tmp_path):
+    sys.path.insert(0, str(ROOT / "benchmarks" / "busi"))
+    from curves import gain_rows, run_dice
+    lines = ["variant,student,labeled_domain,seed,test_domain,dice,jaccard,hd95,asd"]
+    dice = {("synfoc", "unet"): (0.50, 0.30), ("suponly-unet", "unet"): (0.60, 0.10),
+            ("synfoc", "foundation"): (0.70, 0.50), ("samed", "foundation"): (0.80, 0.20)}
+    for (variant, student), (b, m) in dice.items():
+        lines += [f"{variant},{student},benign,1,benign,{b},0,0,0", f"{variant},{student},benign,1,malignant,{m},0,0,0"]
+    (tmp_path / "sweep_seeds.csv").write_text("\n".join(lines) + "\n")
+    table = [{"quantity": "confident_foreground", "method": "synfoc", "labeled": "benign", "seed": "1",
+              "801-1000": "0.0200"},
+             {"quantity": "confident_foreground", "method": "synfoc", "labeled": "benign", "seed": "2",
+              "801-1000": "0.0300"}]                                      # seed 2 has no Dice: no row
+    rows = gain_rows(table, run_dice(tmp_path / "sweep_seeds.csv"))
+    by_student = {r["student"]: r for r in rows}
+    assert len(rows) == 2 and by_student.keys() == {"unet", "foundation"}
+    assert by_student["unet"]["gain"] == pytest.approx(100 * ((0.50 + 0.30) / 2 - (0.60 + 0.10) / 2))
+    assert by_student["foundation"]["gain"] == pytest.approx(100 * ((0.70 + 0.50) / 2 - (0.80 + 0.20) / 2))
+    assert by_student["unet"]["share"] == 0.02 and by_student["unet"]["baseline"] == "suponly-unet"
 
 
 def test_demo_validation_split_holds_unseen_training_cases(capsys):

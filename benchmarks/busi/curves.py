@@ -19,6 +19,11 @@ The quantities are the ones SynFoC logs per step (``synfoc/method/synfoc.py``):
 - ``alpha_p50``: the median over instances of SMC's alpha (1: the U-Net teacher is trusted);
 - ``teachers_both_empty``: instances where both teachers predict no lesion (alpha 1 by rule);
 - ``pseudo_dice_*``: each teacher's pseudo-label Dice against the hidden labels of the unlabeled batch.
+
+Where ``sweep_seeds.csv`` lies beside the runs, it also prints each mean-teacher student's gain over
+the baseline without unlabeled data (U-Net: SupOnly; foundation: SAMed), paired by seed and labeled
+domain, beside the lesion share of its confident pseudo-labels late in the run (iterations
+801-1000), and Spearman's rank correlation of the two over the runs.
 """
 
 from __future__ import annotations
@@ -65,6 +70,61 @@ def wall_times(results: Path) -> list[str]:
     return lines
 
 
+LATE = f"{PHASES[-1][0]}-{PHASES[-1][1]}"
+# student whose gain is scored -> the baseline trained on the labeled images alone
+BASELINE = {("base-unet", "unet"): ("suponly-unet", "unet"), ("synfoc", "unet"): ("suponly-unet", "unet"),
+            ("base-foundation", "foundation"): ("samed", "foundation"),
+            ("synfoc", "foundation"): ("samed", "foundation")}
+
+
+def run_dice(sweep_seeds: Path) -> dict[tuple[str, str, str, str], float]:
+    """(method, student, labeled, seed) -> mean over test domains of the per-domain mean Dice, in %."""
+    per_domain: dict[tuple[str, str, str, str], list[float]] = {}
+    with open(sweep_seeds, newline="") as f:
+        for r in csv.DictReader(f):
+            key = (r["variant"], r["student"], r["labeled_domain"], r["seed"])
+            per_domain.setdefault(key, []).append(100 * float(r["dice"]))
+    return {k: sum(v) / len(v) for k, v in per_domain.items()}
+
+
+def ranks(values: list[float]) -> list[float]:
+    """Ranks from 1, ties sharing their mean rank."""
+    order = sorted(range(len(values)), key=values.__getitem__)
+    out = [0.0] * len(values)
+    i = 0
+    while i < len(order):
+        j = i
+        while j + 1 < len(order) and values[order[j + 1]] == values[order[i]]:
+            j += 1
+        for k in order[i:j + 1]:
+            out[k] = (i + j) / 2 + 1
+        i = j + 1
+    return out
+
+
+def spearman(x: list[float], y: list[float]) -> float:
+    """Pearson's correlation of the ranks (ties: mean ranks)."""
+    rx, ry = ranks(x), ranks(y)
+    mx, my = sum(rx) / len(rx), sum(ry) / len(ry)
+    cov = sum((a - mx) * (b - my) for a, b in zip(rx, ry))
+    var = (sum((a - mx) ** 2 for a in rx) * sum((b - my) ** 2 for b in ry)) ** 0.5
+    return cov / var if var else float("nan")
+
+
+def gain_rows(table: list[dict], dice: dict) -> list[dict]:
+    """One row per mean-teacher student with a paired baseline run: late lesion share and gain."""
+    share = {(t["method"], t["labeled"], t["seed"]): float(t[LATE])
+             for t in table if t["quantity"] == "confident_foreground" and t[LATE] != ""}
+    rows = []
+    for (method, student), (base, base_student) in BASELINE.items():
+        for (m, labeled, seed), value in sorted(share.items()):
+            mine, theirs = dice.get((method, student, labeled, seed)), dice.get((base, base_student, labeled, seed))
+            if m == method and mine is not None and theirs is not None:
+                rows.append({"method": method, "student": student, "labeled": labeled, "seed": seed,
+                             "share": value, "gain": mine - theirs, "baseline": base})
+    return rows
+
+
 def runs(results: Path) -> list[tuple[str, str, str, Path]]:
     found = []
     for method in METHODS:
@@ -103,6 +163,19 @@ def main(argv: list[str]) -> int:
         if lines:
             print(f"\n### {key} (iterations)\n\n{header}\n{rule}")
             print("\n".join(lines))
+    if (results / "sweep_seeds.csv").is_file():
+        rows = gain_rows(table, run_dice(results / "sweep_seeds.csv"))
+        print(f"\n### gain over the baseline without unlabeled data against the confident lesion share "
+              f"(iterations {LATE})\n\n| method | student | labeled | seed | lesion share | minus | gain (DSC points) |\n"
+              "|---|---|---|---|---:|---|---:|")
+        for r in sorted(rows, key=lambda r: (r["student"], r["method"], r["labeled"], r["share"])):
+            print(f"| {r['method']} | {r['student']} | {r['labeled']} | {r['seed']} | {r['share']:.4f} | "
+                  f"{r['baseline']} | {r['gain']:+.2f} |")
+        for student in ("unet", "foundation"):
+            mine = [r for r in rows if r["student"] == student]
+            if len(mine) > 2:
+                rho = spearman([r["share"] for r in mine], [r["gain"] for r in mine])
+                print(f"\n{student}: Spearman rank correlation of lesion share and gain over {len(mine)} runs: {rho:+.2f}")
     with open(results / "curves.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(table[0]))
         writer.writeheader()
