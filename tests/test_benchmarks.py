@@ -132,7 +132,8 @@ def test_curves_gain_pairs_each_student_with_its_baseline_by_seed_and_domain(tmp
     dice = {("synfoc", "unet"): (0.50, 0.30), ("suponly-unet", "unet"): (0.60, 0.10),
             ("synfoc", "foundation"): (0.70, 0.50), ("samed", "foundation"): (0.80, 0.20)}
     for (variant, student), (b, m) in dice.items():
-        lines += [f"{variant},{student},benign,1,benign,{b},0,0,0", f"{variant},{student},benign,1,malignant,{m},0,0,0"]
+        lines += [f"{variant},{student},benign,1,benign,{b},0,0,0", f"{variant},{student},benign,1,malignant,{m},0,0,0",
+                  f"{variant},{student},benign,1,mean,0.99,0,0,0"]          # the sweep's average row is not a domain
     (tmp_path / "sweep_seeds.csv").write_text("\n".join(lines) + "\n")
     table = [{"quantity": "confident_foreground", "method": "synfoc", "labeled": "benign", "seed": "1",
               "801-1000": "0.0200"},

@@ -82,6 +82,8 @@ def run_dice(sweep_seeds: Path) -> dict[tuple[str, str, str, str], float]:
     per_domain: dict[tuple[str, str, str, str], list[float]] = {}
     with open(sweep_seeds, newline="") as f:
         for r in csv.DictReader(f):
+            if r["test_domain"] == "mean":   # the sweep's own average row; recomputed here from the domains
+                continue
             key = (r["variant"], r["student"], r["labeled_domain"], r["seed"])
             per_domain.setdefault(key, []).append(100 * float(r["dice"]))
     return {k: sum(v) / len(v) for k, v in per_domain.items()}
