@@ -33,6 +33,8 @@ import json
 import sys
 from pathlib import Path
 
+from scipy.stats import spearmanr
+
 PHASES = [(1, 100), (101, 300), (301, 600), (601, 800), (801, 1000)]
 METHODS = ["base-unet", "base-foundation", "synfoc"]
 QUANTITIES = ["confident_foreground", "confident_fraction", "alpha_p50", "teachers_both_empty",
@@ -87,30 +89,6 @@ def run_dice(sweep_seeds: Path) -> dict[tuple[str, str, str, str], float]:
             key = (r["variant"], r["student"], r["labeled_domain"], r["seed"])
             per_domain.setdefault(key, []).append(100 * float(r["dice"]))
     return {k: sum(v) / len(v) for k, v in per_domain.items()}
-
-
-def ranks(values: list[float]) -> list[float]:
-    """Ranks from 1, ties sharing their mean rank."""
-    order = sorted(range(len(values)), key=values.__getitem__)
-    out = [0.0] * len(values)
-    i = 0
-    while i < len(order):
-        j = i
-        while j + 1 < len(order) and values[order[j + 1]] == values[order[i]]:
-            j += 1
-        for k in order[i:j + 1]:
-            out[k] = (i + j) / 2 + 1
-        i = j + 1
-    return out
-
-
-def spearman(x: list[float], y: list[float]) -> float:
-    """Pearson's correlation of the ranks (ties: mean ranks)."""
-    rx, ry = ranks(x), ranks(y)
-    mx, my = sum(rx) / len(rx), sum(ry) / len(ry)
-    cov = sum((a - mx) * (b - my) for a, b in zip(rx, ry))
-    var = (sum((a - mx) ** 2 for a in rx) * sum((b - my) ** 2 for b in ry)) ** 0.5
-    return cov / var if var else float("nan")
 
 
 def gain_rows(table: list[dict], dice: dict) -> list[dict]:
@@ -176,7 +154,7 @@ def main(argv: list[str]) -> int:
         for student in ("unet", "foundation"):
             mine = [r for r in rows if r["student"] == student]
             if len(mine) > 2:
-                rho = spearman([r["share"] for r in mine], [r["gain"] for r in mine])
+                rho = spearmanr([r["share"] for r in mine], [r["gain"] for r in mine]).statistic
                 print(f"\n{student}: Spearman rank correlation of lesion share and gain over {len(mine)} runs: {rho:+.2f}")
     with open(results / "curves.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(table[0]))
