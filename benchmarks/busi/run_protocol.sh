@@ -33,10 +33,18 @@ kept_seeds() {  # every seed with at least one run kept here
 tables() {  # sweep.md (the paper's Table 6 layout, mean ± std over seeds, paired differences), sweep_seeds.csv
   # Every seed with a kept run: a cell averaged over fewer seeds than the others is marked `*`, and a
   # paired difference counts the seeds where both of its runs are in. The tables come from the
-  # checkout's synfoc (TABLES_PY, default python), not from PY's fixed training code.
-  local seeds; seeds=$(kept_seeds)
+  # checkout's synfoc (TABLES_PY; default the checkout's .venv/bin/python where there is one, since a
+  # runner started without the environment activated reaches a python without synfoc), not from PY's
+  # fixed training code.
+  local seeds py; seeds=$(kept_seeds)
   if [ -z "$seeds" ]; then echo "tables: no run kept in $KEEP yet" >&2; return 0; fi
-  "${TABLES_PY:-python}" -P -m synfoc sweep --tables-only "${COMMON[@]}" --out "$KEEP" \
+  py=${TABLES_PY:-python}
+  if [ -z "${TABLES_PY:-}" ] && [ -x .venv/bin/python ]; then py=.venv/bin/python; fi
+  if ! "$py" -P -c "import synfoc" 2>/dev/null; then
+    echo "tables: $py cannot import synfoc; set TABLES_PY to a python that has this checkout installed" >&2
+    return 1
+  fi
+  "$py" -P -m synfoc sweep --tables-only "${COMMON[@]}" --out "$KEEP" \
     --methods "$(IFS=,; echo "${ALL_METHODS[*]}")" --labeled-domains benign,malignant --seeds "$seeds,"   # a list, also for one seed (a bare number is a count)
 }
 if [ -n "${TABLES_ONLY:-}" ]; then tables; exit; fi
