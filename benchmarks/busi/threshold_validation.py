@@ -12,8 +12,9 @@ one with the highest validation Dice averaged over the methods' students.
     python benchmarks/busi/threshold_validation.py --dataset ../shared/data/busi \\
         --thresholds 0.95,0.9,0.8 --methods base-unet,base-foundation,synfoc
 
-The same split checks a longer schedule (``--iters 2000``, another ``--out``) and methods without
-a threshold (``suponly-unet``: its rows carry the threshold it ignores).
+The same split checks a longer schedule (``--iters 2000``), the paper's U-Net width instead of the
+protocol's (``--unet-width 64``), each with another ``--out``, and methods without a threshold
+(``suponly-unet``: its rows carry the threshold it ignores).
 
 Runs go to ``--out/<method>/t<threshold>/`` and resume where they stopped. Prints a table and
 appends one CSV row per run trained and student to ``benchmarks/results/busi/threshold_validation.csv``
@@ -34,7 +35,7 @@ from machine import append_csv, run_metadata  # noqa: E402
 
 CSV = HERE.parent / "results" / "busi" / "threshold_validation.csv"
 CSV_COLUMNS = ("commit", "torch", "device", "threads", "method", "student", "threshold", "domain", "labeled",
-               "validation", "seed", "iters", "val_dice", "val_hd95", "train_s")
+               "validation", "seed", "iters", "unet_width", "val_dice", "val_hd95", "train_s")
 # The CPU protocol of benchmarks/busi/run_protocol.sh, less the split (labeled_num instead of the
 # ratio: the carved-out validation images would otherwise shrink the labeled set).
 PROTOCOL = {"iters": 1000, "unet_size": 128, "unet_width": 16, "foundation": "litemedsam", "image_size": 128,
@@ -50,6 +51,8 @@ def main() -> None:
     ap.add_argument("--thresholds", default="0.95,0.9,0.8")
     ap.add_argument("--methods", default="base-unet,base-foundation,synfoc")
     ap.add_argument("--iters", type=int, default=PROTOCOL["iters"])
+    ap.add_argument("--unet-width", type=int, default=PROTOCOL["unet_width"],
+                    help="the U-Net's base width (the protocol's 16; the paper's 64)")
     ap.add_argument("--seed", type=int, default=1337)
     ap.add_argument("--out", default="runs/threshold_validation")
     ap.add_argument("--csv", default=str(CSV))
@@ -65,6 +68,7 @@ def main() -> None:
             cfg = resolve("busi", None, {
                 **PROTOCOL, "dataset": args.dataset, "labeled_domain": args.labeled_domain,
                 "labeled_num": args.labeled_num, "method": method, "threshold": threshold, "iters": args.iters,
+                "unet_width": args.unet_width,
                 "seed": args.seed, "test_domains": [args.labeled_domain], "baseline": None})
             carved = validation_index(open_index(cfg), args.labeled_domain, args.labeled_num, args.val_num)
             out = Path(args.out) / method / f"t{threshold:g}"
@@ -76,8 +80,8 @@ def main() -> None:
                 rows.append({**run_metadata(HERE.parent.parent), "method": method, "student": student,
                              "threshold": threshold, "domain": args.labeled_domain, "labeled": args.labeled_num,
                              "validation": args.val_num, "seed": args.seed, "iters": args.iters,
-                             "val_dice": round(100 * mean["dice"], 2), "val_hd95": round(mean["hd95"], 2),
-                             "train_s": round(seconds, 1)})
+                             "unet_width": args.unet_width, "val_dice": round(100 * mean["dice"], 2),
+                             "val_hd95": round(mean["hd95"], 2), "train_s": round(seconds, 1)})
                 print(f"{method} {student} threshold {threshold:g}: validation Dice {rows[-1]['val_dice']:.2f}",
                       flush=True)
                 if trained:
