@@ -49,9 +49,13 @@ def cpu_flags() -> frozenset[str]:
 
 
 def cpu_model() -> str:
-    """The processor's name as the OS reports it (``model name``), else the platform's word for it."""
+    """The processor's name as the OS reports it (``model name``), with its x86 family and model
+    numbers where the OS gives them (virtual machines often report only "AMD EPYC", which hides
+    whether it is a Zen 2 or a Zen 3), else the platform's word for it."""
     import platform
-    return _cpuinfo_field("model name") or platform.processor() or platform.machine()
+    name = _cpuinfo_field("model name") or platform.processor() or platform.machine()
+    family, model = _cpuinfo_field("cpu family"), _cpuinfo_field("model")
+    return f"{name} (family {family} model {model})" if family and model else name
 
 
 def cpu_has_bf16() -> bool:

@@ -223,3 +223,15 @@ def test_cpu_precision_follows_the_cpu_flags(flags, precision, dtype, monkeypatc
             runtime.make_runtime(cfg)
     else:
         assert runtime.make_runtime(cfg).dtype == dtype
+
+
+@pytest.mark.parametrize("fields, expected", [
+    ({"model name": "AMD EPYC", "cpu family": "25", "model": "1"}, "AMD EPYC (family 25 model 1)"),
+    ({"model name": "AMD EPYC", "cpu family": "23", "model": "49"}, "AMD EPYC (family 23 model 49)"),
+    ({"model name": "Apple M2"}, "Apple M2"),
+])
+def test_cpu_model_names_the_generation(fields, expected, monkeypatch):
+    """A VM's "AMD EPYC" is the same string for Zen 2 and Zen 3: the recorded model carries the x86
+    family and model numbers where /proc/cpuinfo has them, and is the bare name where it does not."""
+    monkeypatch.setattr(cpu, "_cpuinfo_field", fields.get)
+    assert cpu.cpu_model() == expected
