@@ -61,13 +61,21 @@ def run_metadata(root: Path) -> dict:
 
 
 def git_describe(root: Path) -> str:
-    """``git describe --always --dirty`` of the repository at ``root`` ('unknown' outside git)."""
+    """``git describe --always`` of the repository at ``root``, with ``-dirty`` where a tracked file
+    outside ``benchmarks/results`` changed ('unknown' outside git). The results folder is excluded
+    because a benchmark's own first CSV row would otherwise mark every later row of the same code
+    dirty."""
     try:
-        out = subprocess.run(["git", "-C", str(root), "describe", "--always", "--dirty"],
+        out = subprocess.run(["git", "-C", str(root), "describe", "--always"],
                              capture_output=True, text=True, timeout=30)
+        status = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no",
+                                 "--", ".", ":(exclude)benchmarks/results"],
+                                capture_output=True, text=True, timeout=30)
     except (OSError, subprocess.TimeoutExpired):
         return "unknown"
-    return out.stdout.strip() if out.returncode == 0 and out.stdout.strip() else "unknown"
+    if out.returncode != 0 or not out.stdout.strip():
+        return "unknown"
+    return out.stdout.strip() + ("-dirty" if status.returncode == 0 and status.stdout.strip() else "")
 
 
 def git_is_ancestor(root: Path, ancestor: str, commit: str) -> bool:
