@@ -1,0 +1,101 @@
+"""Validation Dice of a validation run's students at an earlier iteration, from a kept checkpoint.
+
+``threshold_validation.py`` scores the students a run ends with. How they moved on the way there
+shows whether a longer schedule helps a method or only costs time. A run overwrites its
+``checkpoint.pt`` (about 20 times per run, and every 10 minutes), so copies are kept while it trains,
+e.g. with a loop beside it that copies ``checkpoint.pt`` to ``ckpt_<step>.pt`` when the step is
+one to keep. This script then evaluates each copy on the same validation split as the run (the
+``--val-num`` training images of the labeled domain after the labeled ones in name order; never the
+test set):
+
+    python benchmarks/busi/checkpoint_validation.py runs/long4k/synfoc/t0.95 runs/long4k/synfoc/ckpt_1000.pt
+
+For each checkpoint it makes ``RUN_at<step>/`` (the run's split and configuration, the copy as its
+checkpoint), lets training resume there at that step with nothing left to train, so that the
+students get exactly the final treatment of a run (U-Net BatchNorm statistics per training domain
+from weak views, then evaluation), and appends one row per student to
+``benchmarks/results/busi/checkpoint_validation.csv``. The students are the students at that step
+of a run whose schedules (the lambda ramp) span the whole run: not the same as a run of that many
+iterations.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import torch
+import yaml
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))
+from input_size import train_on, validation_index  # noqa: E402
+from machine import append_csv, run_metadata  # noqa: E402
+
+CSV = HERE.parent / "results" / "busi" / "checkpoint_validation.csv"
+CSV_COLUMNS = ("commit", "torch", "device", "threads", "run", "method", "student", "threshold", "domain", "labeled",
+               "validation", "seed", "run_iters", "step", "unet_width", "val_dice", "val_hd95", "eval_s")
+SPLIT_FILES = ("labeled.txt", "unlabeled.txt", "history.jsonl")
+
+
+def checkpoint_step(path: Path) -> int:
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        return int(state["step"])
+    except Exception as exc:  # noqa: BLE001 - any failure means the file is not a usable checkpoint
+        raise SystemExit(f"{path}: not a readable synfoc training checkpoint ({str(exc).splitlines()[0]})") from None
+
+
+def at_step(run: Path, ckpt: Path, step: int) -> Path:
+    """``RUN_at<step>/``: the run's split files, its configuration with ``iters`` = step, and the
+    checkpoint copy; made once (a finished one keeps its summary)."""
+    out = run.parent / f"{run.name}_at{step}"
+    if (out / "summary.json").is_file():
+        return out
+    out.mkdir(exist_ok=True)
+    for name in SPLIT_FILES:
+        if (run / name).is_file():
+            shutil.copyfile(run / name, out / name)
+    config = yaml.safe_load((run / "config.yaml").read_text())
+    (out / "config.yaml").write_text(yaml.safe_dump({**config, "iters": step}, sort_keys=False))
+    shutil.copyfile(ckpt, out / "checkpoint.pt")
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("run", type=Path, help="a run folder of threshold_validation.py")
+    ap.add_argument("checkpoints", type=Path, nargs="+", help="kept copies of the run's checkpoint.pt")
+    ap.add_argument("--val-num", type=int, default=64, help="as the run was made with (threshold_validation.py)")
+    ap.add_argument("--csv", default=str(CSV))
+    args = ap.parse_args()
+
+    from synfoc.config import run_config
+    from synfoc.data.source import open_index
+
+    cfg = run_config(args.run)
+    carved = validation_index(open_index(cfg), cfg.labeled_domain, cfg.labeled_num, args.val_num)
+    for ckpt in args.checkpoints:
+        step = checkpoint_step(ckpt)
+        if step > cfg.iters:
+            raise SystemExit(f"{ckpt}: step {step} is beyond the run's {cfg.iters} iterations")
+        out = at_step(args.run, ckpt, step)
+        start = time.time()
+        summary, evaluated = train_on(run_config(out), out, carved)
+        for student, result in summary["students"].items():
+            mean = result["mean"]
+            row = {**run_metadata(HERE.parent.parent), "run": str(args.run), "method": cfg.method,
+                   "student": student, "threshold": cfg.threshold, "domain": cfg.labeled_domain,
+                   "labeled": cfg.labeled_num, "validation": args.val_num, "seed": cfg.seed, "run_iters": cfg.iters,
+                   "step": step, "unet_width": cfg.unet_width, "val_dice": round(100 * mean["dice"], 2),
+                   "val_hd95": round(mean["hd95"], 2), "eval_s": round(time.time() - start, 1)}
+            print(f"{cfg.method} {student} at {step}/{cfg.iters}: validation Dice {row['val_dice']:.2f}", flush=True)
+            if evaluated:
+                append_csv(Path(args.csv), CSV_COLUMNS, [row])
+
+
+if __name__ == "__main__":
+    main()
