@@ -111,6 +111,12 @@ def test_curves_phase_means_average_the_log_rows_of_each_phase(tmp_path):
         steps = [s for s in range(10, 1001, 10) if lo <= s <= hi]
         assert m == sum(steps) / len(steps)
     assert phase_means(history, "y") == [None] * (len(PHASES) - 1) + [1.0]
+    # a 4,000-iteration run: the same phases stretched four times (1-400, 401-1200, ...)
+    long = tmp_path / "long.jsonl"
+    long.write_text("\n".join(json.dumps({"step": s, "x": float(s)}) for s in range(10, 4001, 10)) + "\n")
+    for (lo, hi), m in zip(PHASES, phase_means(long, "x", iters=4000)):
+        steps = [s for s in range(10, 4001, 10) if 4 * lo - 3 <= s <= 4 * hi]
+        assert m == sum(steps) / len(steps)
 
 
 def test_curves_gain_pairs_each_student_with_its_baseline_by_seed_and_domain(tmp_path):

@@ -45,11 +45,12 @@ def read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
 
 
-def phase_means(history: Path, key: str) -> list[float | None]:
-    """Mean of ``key`` over the log rows whose step falls in each phase (None where absent)."""
+def phase_means(history: Path, key: str, iters: int = 1000) -> list[float | None]:
+    """Mean of ``key`` over the log rows whose step falls in each phase (None where absent); for a
+    run of ``iters`` iterations the phases are stretched in proportion (4,000: 1-400, 401-1200, ...)."""
     rows = read_jsonl(history)
     out = []
-    for lo, hi in PHASES:
+    for lo, hi in [((lo - 1) * iters // 1000 + 1, hi * iters // 1000) for lo, hi in PHASES]:
         values = [r[key] for r in rows if lo <= r.get("step", -1) <= hi and r.get(key) is not None]
         out.append(sum(values) / len(values) if values else None)
     return out
