@@ -92,8 +92,13 @@ def environment(rt: Runtime) -> dict:
     commit = None
     with contextlib.suppress(OSError, subprocess.SubprocessError):
         src = Path(__file__).resolve().parent
-        commit = subprocess.run(["git", "-C", str(src), "describe", "--always", "--dirty", "--abbrev=12"],
+        commit = subprocess.run(["git", "-C", str(src), "describe", "--always", "--abbrev=12"],
                                 capture_output=True, text=True, timeout=10).stdout.strip() or None
+        # -dirty where the package itself differs from the commit, not where results files beside it do
+        changed = subprocess.run(["git", "-C", str(src), "status", "--porcelain", "--untracked-files=no", "--", "."],
+                                 capture_output=True, text=True, timeout=10).stdout.strip()
+        if commit and changed:
+            commit += "-dirty"
     return {"cpu": cpu_model(), "cpu_flags": sorted(cpu_flags() & {"avx2", "fma", "avx512f", "avx512bw", "avx512_bf16",
                                                      "amx_bf16", "avx_ne_convert"}),
             "cores": os.cpu_count(), "threads": torch.get_num_threads(),
