@@ -206,3 +206,16 @@ def test_fused_cpu_attention_counts_the_flops_of_the_explicit_matmuls():
     fused = counted(lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask))
     explicit = counted(lambda: torch.softmax(q @ k.transpose(-2, -1) / 4 + mask, dim=-1) @ v)
     assert fused == explicit == 3 * (2 * 2 * 3 * 2 * 49 * 49 * 16)   # forward 2 matmuls, backward 4
+
+
+def test_checkpoint_validation_keeps_the_checkpoint_of_a_named_step(tmp_path):
+    sys.path.insert(0, str(ROOT / "benchmarks" / "busi"))
+    import torch
+    from checkpoint_validation import keep_checkpoints
+    run = tmp_path / "t0.95"
+    run.mkdir()
+    torch.save({"step": 200, "students": {}}, run / "checkpoint.pt")
+    keep_checkpoints(run, {200}, poll_s=0, within_s=30)
+    with pytest.raises(SystemExit, match="no checkpoint of iteration"):
+        keep_checkpoints(run, {400}, poll_s=0, within_s=0.2)
+    assert torch.load(tmp_path / "ckpt_200.pt", weights_only=True)["step"] == 200

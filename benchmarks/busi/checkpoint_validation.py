@@ -2,12 +2,13 @@
 
 ``threshold_validation.py`` scores the students a run ends with. How they moved on the way there
 shows whether a longer schedule helps a method or only costs time. A run overwrites its
-``checkpoint.pt`` (about 20 times per run, and every 10 minutes), so copies are kept while it trains,
-e.g. with a loop beside it that copies ``checkpoint.pt`` to ``ckpt_<step>.pt`` when the step is
-one to keep. This script then evaluates each copy on the same validation split as the run (the
-``--val-num`` training images of the labeled domain after the labeled ones in name order; never the
-test set):
+``checkpoint.pt`` (about 20 times per run, and every 10 minutes), so copies are kept while it trains:
+``--keep 1000,2000,3000`` runs beside the training and copies ``checkpoint.pt`` to
+``RUN/../ckpt_<step>.pt`` whenever it holds one of those steps, until the last is kept. Each copy
+is then evaluated on the same validation split as the run (the ``--val-num`` training images of
+the labeled domain after the labeled ones in name order; never the test set):
 
+    nohup python benchmarks/busi/checkpoint_validation.py runs/long4k/synfoc/t0.95 --keep 1000,2000,3000 &
     python benchmarks/busi/checkpoint_validation.py runs/long4k/synfoc/t0.95 runs/long4k/synfoc/ckpt_1000.pt
 
 For each checkpoint it makes ``RUN_at<step>/`` (the run's split and configuration, the copy as its
@@ -49,6 +50,26 @@ def checkpoint_step(path: Path) -> int:
         raise SystemExit(f"{path}: not a readable synfoc training checkpoint ({str(exc).splitlines()[0]})") from None
 
 
+def keep_checkpoints(run: Path, steps: set[int], poll_s: float = 30.0, within_s: float | None = None) -> None:
+    """Copy ``run/checkpoint.pt`` to ``run/../ckpt_<step>.pt`` each time it holds one of ``steps``
+    (training replaces the file atomically, so a copy is never half-written); return when all are
+    kept, or stop after ``within_s`` seconds without them."""
+    ckpt, seen, start = run / "checkpoint.pt", None, time.time()
+    while missing := steps - {s for s in steps if (run.parent / f"ckpt_{s}.pt").is_file()}:
+        if within_s is not None and time.time() - start > within_s:
+            raise SystemExit(f"{run}: no checkpoint of iteration(s) {sorted(missing)} within {within_s:g} s")
+        stamp = ckpt.stat().st_mtime_ns if ckpt.is_file() else None
+        if stamp is not None and stamp != seen:
+            seen = stamp
+            tmp = run.parent / "ckpt_copy.tmp"
+            shutil.copyfile(ckpt, tmp)
+            step = checkpoint_step(tmp)
+            if step in steps:
+                tmp.replace(run.parent / f"ckpt_{step}.pt")
+                print(f"kept the checkpoint of iteration {step}", flush=True)
+        time.sleep(poll_s)
+
+
 def at_step(run: Path, ckpt: Path, step: int) -> Path:
     """``RUN_at<step>/``: the run's split files, its configuration with ``iters`` = step, and the
     checkpoint copy; made once (a finished one keeps its summary)."""
@@ -68,7 +89,8 @@ def at_step(run: Path, ckpt: Path, step: int) -> Path:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("run", type=Path, help="a run folder of threshold_validation.py")
-    ap.add_argument("checkpoints", type=Path, nargs="+", help="kept copies of the run's checkpoint.pt")
+    ap.add_argument("checkpoints", type=Path, nargs="*", help="kept copies of the run's checkpoint.pt")
+    ap.add_argument("--keep", metavar="STEPS", help="instead: keep copies of the training run's checkpoint at these steps")
     ap.add_argument("--val-num", type=int, default=64, help="as the run was made with (threshold_validation.py)")
     ap.add_argument("--csv", default=str(CSV))
     args = ap.parse_args()
@@ -76,6 +98,11 @@ def main() -> None:
     from synfoc.config import run_config
     from synfoc.data.source import open_index
 
+    if args.keep:
+        keep_checkpoints(args.run, {int(x) for x in args.keep.split(",")})
+        return
+    if not args.checkpoints:
+        raise SystemExit("name the checkpoint copies to evaluate, or --keep STEPS to keep them")
     cfg = run_config(args.run)
     carved = validation_index(open_index(cfg), cfg.labeled_domain, cfg.labeled_num, args.val_num)
     for ckpt in args.checkpoints:
