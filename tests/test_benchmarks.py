@@ -214,7 +214,7 @@ def test_checkpoint_validation_keeps_the_checkpoint_of_a_named_step(tmp_path):
     from checkpoint_validation import keep_checkpoints
     run = tmp_path / "t0.95"
     run.mkdir()
-    torch.save({"step": 200, "students": {}}, run / "checkpoint.pt")
+    torch.save({"step": 200, "students": {}, "teachers": {}, "optimizers": {}}, run / "checkpoint.pt")
     keep_checkpoints(run, {200}, poll_s=0, within_s=30)
     with pytest.raises(SystemExit, match="no checkpoint of iteration"):
         keep_checkpoints(run, {400}, poll_s=0, within_s=0.2)

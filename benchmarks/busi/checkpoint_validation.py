@@ -28,7 +28,6 @@ import sys
 import time
 from pathlib import Path
 
-import torch
 import yaml
 
 HERE = Path(__file__).resolve().parent
@@ -43,11 +42,9 @@ SPLIT_FILES = ("labeled.txt", "unlabeled.txt", "history.jsonl")
 
 
 def checkpoint_step(path: Path) -> int:
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-        return int(state["step"])
-    except Exception as exc:  # noqa: BLE001 - any failure means the file is not a usable checkpoint
-        raise SystemExit(f"{path}: not a readable synfoc training checkpoint ({str(exc).splitlines()[0]})") from None
+    """The iteration a checkpoint copy was saved at; training's own loader says what is wrong with a bad one."""
+    from synfoc.checkpoint import load_checkpoint
+    return int(load_checkpoint(path, "cpu", path.parent)["step"])
 
 
 def keep_checkpoints(run: Path, steps: set[int], poll_s: float = 30.0, within_s: float | None = None) -> None:
