@@ -54,6 +54,9 @@ def main() -> None:
     ap.add_argument("--unet-width", type=int, default=PROTOCOL["unet_width"],
                     help="the U-Net's base width (the protocol's 16; the paper's 64)")
     ap.add_argument("--seed", type=int, default=1337)
+    ap.add_argument("--precision", default="auto", choices=("auto", "bf16", "fp32"),
+                    help="auto picks bf16 on CPUs with bf16 arithmetic; fp32 keeps runs comparable with "
+                         "runs made on CPUs without it")
     ap.add_argument("--out", default="runs/threshold_validation")
     ap.add_argument("--csv", default=str(CSV))
     args = ap.parse_args()
@@ -68,7 +71,7 @@ def main() -> None:
             cfg = resolve("busi", None, {
                 **PROTOCOL, "dataset": args.dataset, "labeled_domain": args.labeled_domain,
                 "labeled_num": args.labeled_num, "method": method, "threshold": threshold, "iters": args.iters,
-                "unet_width": args.unet_width,
+                "unet_width": args.unet_width, "precision": args.precision,
                 "seed": args.seed, "test_domains": [args.labeled_domain], "baseline": None})
             carved = validation_index(open_index(cfg), args.labeled_domain, args.labeled_num, args.val_num)
             out = Path(args.out) / method / f"t{threshold:g}"
