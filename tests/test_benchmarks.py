@@ -219,3 +219,21 @@ def test_checkpoint_validation_keeps_the_checkpoint_of_a_named_step(tmp_path):
     with pytest.raises(SystemExit, match="no checkpoint of iteration"):
         keep_checkpoints(run, {400}, poll_s=0, within_s=0.2)
     assert torch.load(tmp_path / "ckpt_200.pt", weights_only=True)["step"] == 200
+
+
+def test_threshold_validation_keeps_a_finished_runs_small_files(tmp_path):
+    sys.path.insert(0, str(ROOT / "benchmarks" / "busi"))
+    from threshold_validation import KEPT_FILES, keep_run
+    run = tmp_path / "runs" / "synfoc" / "t0.95"
+    run.mkdir(parents=True)
+    for name in KEPT_FILES[:-1]:
+        (run / name).write_text(name)
+    dest = tmp_path / "results" / "synfoc"
+    with pytest.raises(FileNotFoundError, match="labeled.txt"):
+        keep_run(run, dest)
+    assert not dest.exists()
+    (run / "labeled.txt").write_text("benign/a.png\n")
+    (run / "checkpoint.pt").write_bytes(b"large")
+    keep_run(run, dest)
+    assert sorted(p.name for p in dest.iterdir()) == sorted(KEPT_FILES)
+    assert (dest / "labeled.txt").read_text() == "benign/a.png\n"

@@ -16,7 +16,9 @@ The same split checks a longer schedule (``--iters 2000``), the paper's U-Net wi
 protocol's (``--unet-width 64``), each with another ``--out``, and methods without a threshold
 (``suponly-unet``: its rows carry the threshold it ignores).
 
-Runs go to ``--out/<method>/t<threshold>/`` and resume where they stopped. Prints a table and
+Runs go to ``--out/<method>/t<threshold>/`` and resume where they stopped; ``--keep DIR`` copies
+each finished run's small files (``KEPT_FILES``) to ``DIR/<method>/``, inside the repository, so a
+run outlives a machine whose ignored ``runs/`` folder is lost before anyone commits. Prints a table and
 appends one CSV row per run trained and student to ``benchmarks/results/busi/threshold_validation.csv``
 (``train_s``: the seconds of this call, so a resumed run's earlier part is not in it).
 """
@@ -24,6 +26,7 @@ appends one CSV row per run trained and student to ``benchmarks/results/busi/thr
 from __future__ import annotations
 
 import argparse
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -38,8 +41,22 @@ CSV_COLUMNS = ("commit", "torch", "device", "threads", "method", "student", "thr
                "validation", "seed", "iters", "unet_width", "val_dice", "val_hd95", "train_s")
 # The CPU protocol of benchmarks/busi/run_protocol.sh, less the split (labeled_num instead of the
 # ratio: the carved-out validation images would otherwise shrink the labeled set).
+# What benchmarks/busi/run_protocol.sh keeps of a finished run, too: small, and enough to
+# regenerate every table and curve.
+KEPT_FILES = ("summary.json", "config.yaml", "history.jsonl", "environment.jsonl", "per_case.csv", "labeled.txt")
 PROTOCOL = {"iters": 1000, "unet_size": 128, "unet_width": 16, "foundation": "litemedsam", "image_size": 128,
             "batch_labeled": 2, "batch_unlabeled": 2}
+
+
+def keep_run(run: Path, dest: Path) -> None:
+    """Copy a finished run's ``KEPT_FILES`` to ``dest``; a missing one is named before anything is copied."""
+    missing = [str(run / name) for name in KEPT_FILES if not (run / name).is_file()]
+    if missing:
+        raise FileNotFoundError(f"not a finished run, missing: {', '.join(missing)}")
+    dest.mkdir(parents=True, exist_ok=True)
+    for name in KEPT_FILES:
+        shutil.copy2(run / name, dest / name)
+    print(f"kept {', '.join(KEPT_FILES)} of {run} in {dest}", flush=True)
 
 
 def main() -> None:
@@ -59,12 +76,16 @@ def main() -> None:
                          "runs made on CPUs without it")
     ap.add_argument("--out", default="runs/threshold_validation")
     ap.add_argument("--csv", default=str(CSV))
+    ap.add_argument("--keep", default=None,
+                    help="copy each finished run's small files to KEEP/<method>/ (one threshold only)")
     args = ap.parse_args()
 
     from synfoc.config import resolve
     from synfoc.data.source import open_index
 
     thresholds = [float(t) for t in args.thresholds.split(",")]
+    if args.keep and len(thresholds) > 1:
+        ap.error(f"--keep takes the runs of one threshold, got --thresholds {args.thresholds}")
     rows = []
     for method in args.methods.split(","):
         for threshold in thresholds:
@@ -78,6 +99,8 @@ def main() -> None:
             start = time.time()
             summary, trained = train_on(cfg, out, carved)
             seconds = time.time() - start
+            if args.keep:
+                keep_run(out, Path(args.keep) / method)
             for student, result in summary["students"].items():
                 mean = result["mean"]
                 rows.append({**run_metadata(HERE.parent.parent), "method": method, "student": student,
