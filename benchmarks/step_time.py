@@ -24,6 +24,8 @@ After the timed iterations each child counts the FLOPs of one more iteration (Fl
 forward + backward) and times a large square matmul in the dtype its step computes in (bf16 under
 autocast, else fp32) on the same device and threads: the model-FLOP utilisation (MFU) is the
 step's achieved TFLOP/s over that matmul's. One CSV row per mode is appended to ``--csv``.
+``--profile N`` profiles one more iteration: its N costliest operators, and its time and FLOPs
+per kind of operator (matmul, convolution, other), each kind's share of the matmul peak.
 
     python benchmarks/step_time.py --config reduced --iters 5
     python benchmarks/step_time.py --config reduced --against 7a99b5b --iters 10
@@ -224,11 +226,14 @@ class FastStep:
             self.trace.append({k: float(v) for k, v in logs.items() if v.numel() == 1})  # not per-instance logs
 
 
-def count_cpu_attention_flops() -> None:
-    """Teach FlopCounterMode the CPU's fused attention kernel. It counts CUDA's fused attention and
-    explicit matmuls, but not ``_scaled_dot_product_flash_attention_for_cpu``: without this, swapping
-    explicit attention for the fused kernel would count fewer FLOPs for the same arithmetic."""
-    from torch.utils.flop_counter import flop_registry, register_flop_formula, sdpa_flop_count
+def count_cpu_kernel_flops() -> None:
+    """Teach FlopCounterMode the CPU kernels a step runs that it does not know: the fused attention
+    (``_scaled_dot_product_flash_attention_for_cpu``; it knows CUDA's and explicit matmuls) and
+    oneDNN's convolution with a post-op (``mkldnn._convolution_pointwise``, which
+    ``synfoc.accel``'s ``tinyvit_fused_convs`` runs for LiteMedSAM's frozen first stage). Without
+    this, swapping a plain operation for one of them would count fewer FLOPs for the same
+    arithmetic, and the utilisation would read low."""
+    from torch.utils.flop_counter import conv_flop_count, flop_registry, register_flop_formula, sdpa_flop_count
     aten = torch.ops.aten
     if aten._scaled_dot_product_flash_attention_for_cpu in flop_registry:
         return
@@ -243,17 +248,44 @@ def count_cpu_attention_flops() -> None:
         # the scores, which model FLOPs do not count, as they do not count checkpointing's)
         return 2 * sdpa_flop_count(query, key, value)
 
+    pointwise = getattr(torch.ops.mkldnn, "_convolution_pointwise", None)
+    if pointwise is None:  # a build without oneDNN never runs it
+        return
 
-def count_flops(runner, t: int, total: int) -> int:
+    @register_flop_formula(pointwise)
+    def _fused_convolution(x, *args, out_shape=None, **kwargs) -> int:
+        # (X, W, bias, ...) or, for the .binary overload with a residual, (X, other, W, bias, ...);
+        # the post-op (GELU, add) is element-wise work, which FlopCounterMode counts nowhere
+        binary = args[1] is not None and len(args[1]) == len(x)
+        weight = args[1] if binary else args[0]
+        return conv_flop_count(x, weight, out_shape)
+
+
+MATMUL_OPS = {"addmm", "addmm_", "mm", "bmm", "baddbmm", "_linear_pointwise",
+              "_scaled_dot_product_flash_attention_for_cpu", "_scaled_dot_product_flash_attention_for_cpu_backward"}
+CONVOLUTION_OPS = {"convolution", "_convolution", "mkldnn_convolution", "convolution_backward",
+                   "_convolution_pointwise", "_slow_conv2d_forward", "_slow_conv2d_backward"}
+
+
+def op_kind(name: str) -> str:
+    """``matmul`` (attention included: its explicit and fused forms do the same arithmetic),
+    ``convolution`` or ``other`` for an operator as the profiler (``aten::mm``) or FlopCounterMode
+    (``aten.mm``) names it. Every FLOP FlopCounterMode counts falls in the first two."""
+    op = name.replace("::", ".").split(".")[-1]
+    return "matmul" if op in MATMUL_OPS else "convolution" if op in CONVOLUTION_OPS else "other"
+
+
+def count_flops(runner, t: int, total: int) -> tuple[int, dict[str, int]]:
     """FLOPs of one iteration (forward + backward), as counted by FlopCounterMode: the model's
-    FLOPs, without gradient checkpointing's recomputation (the usual convention for utilisation)."""
+    FLOPs, without gradient checkpointing's recomputation (the usual convention for utilisation),
+    in all and per kind of operator (:func:`op_kind`)."""
     from torch.utils.flop_counter import FlopCounterMode
     foundation, rt = runner.students["foundation"], runner.rt
     checkpointing, foundation.grad_checkpointing = foundation.grad_checkpointing, False
     # Counted in fp32 (the same operations and FLOPs): FlopCounterMode fails on SAM's
     # relative-position einsum under bf16 autocast.
     runner.rt = dataclasses.replace(rt, dtype=None)
-    count_cpu_attention_flops()
+    count_cpu_kernel_flops()
     counter = FlopCounterMode(display=False)
     try:
         with counter:
@@ -261,12 +293,16 @@ def count_flops(runner, t: int, total: int) -> int:
     finally:
         foundation.grad_checkpointing, runner.rt = checkpointing, rt
     sync(runner.device)
-    return counter.get_total_flops()
+    kinds: dict[str, int] = {}
+    for op, flops in counter.get_flop_counts()["Global"].items():
+        kinds[op_kind(str(op))] = kinds.get(op_kind(str(op)), 0) + flops
+    return counter.get_total_flops(), kinds
 
 
-def profile_step(runner, t: int, total: int, rows: int) -> list[dict]:
+def profile_step(runner, t: int, total: int, rows: int) -> dict:
     """One more iteration under ``torch.profiler``: the ``rows`` operators with the most self time
-    (milliseconds, share of the iteration's self time, calls), to see where a step's time goes."""
+    (milliseconds, share of the iteration's self time, calls), and the self time per kind of
+    operator (:func:`op_kind`), to see where a step's time goes."""
     from torch.profiler import ProfilerActivity, profile
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if runner.device.type == "cuda" else [])
     with profile(activities=activities) as prof:
@@ -278,7 +314,12 @@ def profile_step(runner, t: int, total: int, rows: int) -> list[dict]:
         return e.self_device_time_total if device else e.self_cpu_time_total
     whole = sum(self_us(e) for e in events) or 1
     top = sorted(events, key=self_us, reverse=True)[:rows]
-    return [{"op": e.key, "self_ms": self_us(e) / 1000, "share": self_us(e) / whole, "calls": e.count} for e in top]
+    kinds: dict[str, float] = {}
+    for e in events:
+        kinds[op_kind(e.key)] = kinds.get(op_kind(e.key), 0.0) + self_us(e) / 1000
+    return {"ops": [{"op": e.key, "self_ms": self_us(e) / 1000, "share": self_us(e) / whole, "calls": e.count}
+                    for e in top],
+            "kinds_ms": kinds}
 
 
 def spread(times: list[float]) -> dict:
@@ -327,7 +368,7 @@ def serve(args, mode: str) -> None:
             if args.profile:
                 result["profile"] = profile_step(runner, total, total + 1, args.profile)
             if args.flops:
-                result["flops"] = count_flops(runner, total, total + 1)
+                result["flops"], result["flops_by_kind"] = count_flops(runner, total, total + 1)
                 result["tflops_per_s"] = result["flops"] / result["s_per_iter"] / 1e12
             if args.peak_tflops:
                 result["peak_tflops"], result["peak_source"] = args.peak_tflops, "--peak-tflops"
@@ -387,7 +428,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=1337)
     p.add_argument("--trace", action="store_true", help="record every iteration's losses (adds host reads)")
     p.add_argument("--profile", type=int, default=0, metavar="N",
-                   help="after the timed iterations, profile one more and print its N costliest operators")
+                   help="after the timed iterations, profile one more: its N costliest operators and its "
+                        "time and FLOPs per kind of operator")
     p.add_argument("--flops", action="store_true", default=True, help="count the FLOPs of one iteration (the default)")
     p.add_argument("--no-flops", dest="flops", action="store_false", help="skip the FLOP count (and the MFU)")
     p.add_argument("--peak-tflops", type=float,
@@ -478,7 +520,7 @@ def run_alternating(argv: list[str], modes: tuple[str, ...], args, codes: dict[s
 
 PER_MODE = ("s_per_iter", "s_min", "s_max", "s_iqr", "times", "warmup_times", "peak_mb", "precision", "flops",
             "tflops_per_s",
-            "peak_tflops", "peak_source", "mfu", "commit", "synfoc_file", "trace", "profile")
+            "flops_by_kind", "peak_tflops", "peak_source", "mfu", "commit", "synfoc_file", "trace", "profile")
 
 
 def summarise(results: dict[str, dict], args) -> dict:
@@ -601,6 +643,27 @@ def table(summary: dict, args) -> str:
     return "\n".join(lines)
 
 
+def profile_tables(mode: str, summary: dict, rows: int) -> str:
+    """The profiled iteration of ``mode`` in Markdown: its costliest operators, then its time and
+    FLOPs per kind of operator, each kind's TFLOP/s and its share of the matmul peak (the FLOPs come
+    from the counted iteration, the time from the profiled one, which is a little slower)."""
+    profile = summary.get(f"{mode}_profile") or {"ops": [], "kinds_ms": {}}
+    lines = [f"\n{mode}: the {rows} operators with the most self time in one iteration\n",
+             "| operator | self ms | share | calls |", "|---|---:|---:|---:|"]
+    lines += [f"| {r['op']} | {r['self_ms']:.0f} | {100 * r['share']:.1f}% | {r['calls']} |" for r in profile["ops"]]
+    flops, peak = summary.get(f"{mode}_flops_by_kind") or {}, summary.get(f"{mode}_peak_tflops")
+    whole = sum(profile["kinds_ms"].values()) or 1
+    lines += [f"\n{mode}: time and FLOPs per kind of operator\n",
+              "| kind | self ms | share | GFLOP | TFLOP/s | of the matmul peak |", "|---|---:|---:|---:|---:|---:|"]
+    for kind in ("matmul", "convolution", "other"):
+        ms, gflop = profile["kinds_ms"].get(kind, 0.0), flops.get(kind, 0) / 1e9
+        rate = gflop / ms if ms and gflop else None   # GFLOP/ms = TFLOP/s
+        lines.append(f"| {kind} | {ms:.0f} | {100 * ms / whole:.1f}% | {gflop:.1f} | "
+                     f"{'-' if rate is None else f'{rate:.3f}'} | "
+                     f"{'-' if rate is None or not peak else f'{100 * rate / peak:.0f}%'} |")
+    return "\n".join(lines)
+
+
 def child_argv(argv: list[str]) -> list[str]:
     """The parent's options less those only the parent acts on (children get their own --mode)."""
     with_value, flags = {"--mode", "--against", "--csv"}, {"--json", "--no-csv"}
@@ -638,10 +701,7 @@ def main(argv: list[str] | None = None) -> int:
     print(json.dumps(summary) if args.json else table(summary, args))
     if args.profile and not args.json:
         for mode in modes:
-            print(f"\n{mode}: the {args.profile} operators with the most self time in one iteration\n\n"
-                  "| operator | self ms | share | calls |\n|---|---:|---:|---:|")
-            for r in summary.get(f"{mode}_profile") or []:
-                print(f"| {r['op']} | {r['self_ms']:.0f} | {100 * r['share']:.1f}% | {r['calls']} |")
+            print(profile_tables(mode, summary, args.profile))
     return 0
 
 

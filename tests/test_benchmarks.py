@@ -33,9 +33,14 @@ def test_step_time_runs_the_training_iteration_in_its_modes():
         trace = summary[f"{mode}_trace"]
         assert len(trace) == 3  # warm-up + timed iterations, not the FLOP-counting one after them
         assert all(math.isfinite(step["loss"]) for step in trace)
-        profile = summary[f"{mode}_profile"]   # the costliest operators of one more iteration, costliest first
+        profile = summary[f"{mode}_profile"]["ops"]   # the costliest operators of one more iteration, costliest first
         assert len(profile) == 3 and profile[0]["self_ms"] >= profile[-1]["self_ms"] > 0
         assert all(0 < r["share"] <= 1 and r["calls"] >= 1 for r in profile)
+        kinds_ms = summary[f"{mode}_profile"]["kinds_ms"]   # every operator's self time, by kind
+        assert set(kinds_ms) == {"matmul", "convolution", "other"} and all(ms > 0 for ms in kinds_ms.values())
+        assert sum(kinds_ms.values()) >= sum(r["self_ms"] for r in profile)
+        flops = summary[f"{mode}_flops_by_kind"]   # every counted FLOP is a matmul's or a convolution's
+        assert set(flops) == {"matmul", "convolution"} and sum(flops.values()) == summary[f"{mode}_flops"]
 
 
 def test_input_size_validation_split_is_carved_from_training_data():
@@ -193,7 +198,7 @@ def test_fused_cpu_attention_counts_the_flops_of_the_explicit_matmuls():
     sys.path.insert(0, str(ROOT / "benchmarks"))
     import step_time
     import torch
-    step_time.count_cpu_attention_flops()
+    step_time.count_cpu_kernel_flops()
     q, k, v = (torch.randn(3, 2, 49, 16, requires_grad=True) for _ in range(3))
     mask = torch.randn(1, 2, 49, 49)
 
@@ -206,6 +211,38 @@ def test_fused_cpu_attention_counts_the_flops_of_the_explicit_matmuls():
     fused = counted(lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask))
     explicit = counted(lambda: torch.softmax(q @ k.transpose(-2, -1) / 4 + mask, dim=-1) @ v)
     assert fused == explicit == 3 * (2 * 2 * 3 * 2 * 49 * 49 * 16)   # forward 2 matmuls, backward 4
+
+
+def test_fused_cpu_convolution_counts_the_flops_of_the_plain_convolutions():
+    """With step_time's registration, LiteMedSAM with synfoc.accel's fused convolutions (oneDNN's
+    ``_convolution_pointwise``, plain and with the residual add) counts the FLOPs of the plain
+    model: the utilisation of an accelerated step is not read low."""
+    import copy
+
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from synfoc import accel, cpu
+    from synfoc.models.foundation import build_foundation_model
+    if not cpu.onednn_kernels(torch.float32):
+        pytest.skip("the fused convolution needs oneDNN's _convolution_pointwise on x86-64; this build has none")
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import step_time
+    step_time.count_cpu_kernel_flops()
+    torch.manual_seed(0)
+    plain = build_foundation_model("litemedsam", 1, lora_rank=4, image_size=32).eval()
+    fused = accel.accelerate(copy.deepcopy(plain), "cpu", ["tinyvit_fused_convs"])
+    x = torch.randn(2, 3, 32, 32)
+
+    def counted(model) -> dict:
+        counter = FlopCounterMode(display=False)
+        with counter, torch.no_grad():
+            model(x)
+        return {str(op): n for op, n in counter.get_flop_counts()["Global"].items()}
+
+    plain_counts, fused_counts = counted(plain), counted(fused)
+    assert fused_counts.get("mkldnn._convolution_pointwise", 0) > 0   # the fused path ran
+    assert sum(fused_counts.values()) == sum(plain_counts.values())
 
 
 def test_checkpoint_validation_keeps_the_checkpoint_of_a_named_step(tmp_path):
