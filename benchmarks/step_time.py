@@ -275,6 +275,14 @@ def op_kind(name: str) -> str:
     return "matmul" if op in MATMUL_OPS else "convolution" if op in CONVOLUTION_OPS else "other"
 
 
+def sum_by_kind(pairs) -> dict:
+    """Sum (operator name, amount) pairs per :func:`op_kind`."""
+    kinds: dict = {}
+    for name, amount in pairs:
+        kinds[op_kind(name)] = kinds.get(op_kind(name), 0) + amount
+    return kinds
+
+
 def count_flops(runner, t: int, total: int) -> tuple[int, dict[str, int]]:
     """FLOPs of one iteration (forward + backward), as counted by FlopCounterMode: the model's
     FLOPs, without gradient checkpointing's recomputation (the usual convention for utilisation),
@@ -293,10 +301,8 @@ def count_flops(runner, t: int, total: int) -> tuple[int, dict[str, int]]:
     finally:
         foundation.grad_checkpointing, runner.rt = checkpointing, rt
     sync(runner.device)
-    kinds: dict[str, int] = {}
-    for op, flops in counter.get_flop_counts()["Global"].items():
-        kinds[op_kind(str(op))] = kinds.get(op_kind(str(op)), 0) + flops
-    return counter.get_total_flops(), kinds
+    flops = counter.get_flop_counts()["Global"].items()
+    return counter.get_total_flops(), sum_by_kind((str(op), n) for op, n in flops)
 
 
 def profile_step(runner, t: int, total: int, rows: int) -> dict:
@@ -314,12 +320,9 @@ def profile_step(runner, t: int, total: int, rows: int) -> dict:
         return e.self_device_time_total if device else e.self_cpu_time_total
     whole = sum(self_us(e) for e in events) or 1
     top = sorted(events, key=self_us, reverse=True)[:rows]
-    kinds: dict[str, float] = {}
-    for e in events:
-        kinds[op_kind(e.key)] = kinds.get(op_kind(e.key), 0.0) + self_us(e) / 1000
     return {"ops": [{"op": e.key, "self_ms": self_us(e) / 1000, "share": self_us(e) / whole, "calls": e.count}
                     for e in top],
-            "kinds_ms": kinds}
+            "kinds_ms": sum_by_kind((e.key, self_us(e) / 1000) for e in events)}
 
 
 def spread(times: list[float]) -> dict:
