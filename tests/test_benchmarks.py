@@ -274,3 +274,36 @@ def test_threshold_validation_keeps_a_finished_runs_small_files(tmp_path):
     keep_run(run, dest)
     assert sorted(p.name for p in dest.iterdir()) == sorted(KEPT_FILES)
     assert (dest / "labeled.txt").read_text() == "benign/a.png\n"
+
+
+def test_threshold_validation_seed_table_pairs_seeds_from_the_csv(tmp_path):
+    sys.path.insert(0, str(ROOT / "benchmarks" / "busi"))
+    from threshold_validation import CSV_COLUMNS, seed_results, seed_table
+    import csv
+    rows = [  # (method, student, seed, iters, dice)
+        ("synfoc", "unet", 1, 4000, 60.0), ("synfoc", "unet", 2, 4000, 50.0),
+        ("base-unet", "unet", 1, 4000, 55.0), ("base-unet", "unet", 2, 4000, 52.5),
+        ("base-unet", "unet", 2, 4000, 54.0),      # trained again: the later row counts
+        ("suponly-unet", "unet", 1, 4000, 58.0),   # seed 2 missing: paired on seed 1 only
+        ("synfoc", "foundation", 1, 4000, 70.0), ("samed", "foundation", 1, 4000, 71.5),
+        ("synfoc", "unet", 1, 1000, 10.0),         # another schedule: left out
+    ]
+    path = tmp_path / "tv.csv"
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, CSV_COLUMNS)
+        w.writeheader()
+        for method, student, seed, iters, dice in rows:
+            w.writerow({c: "" for c in CSV_COLUMNS} | {
+                "method": method, "student": student, "threshold": 0.95, "domain": "benign", "seed": seed,
+                "iters": iters, "unet_width": 16, "val_dice": dice})
+    cells = seed_results(path, 4000, 0.95, 16, "benign")
+    assert cells[("synfoc", "unet")] == {1: 60.0, 2: 50.0}
+    assert cells[("base-unet", "unet")] == {1: 55.0, 2: 54.0}
+    table = seed_table(cells)
+    lines = {line.split(" | ")[0].lstrip("| "): line for line in table.splitlines()}
+    # synfoc - base-unet: +5 and -4, mean 0.5, sample std of (5, -4) = 6.36
+    assert lines["synfoc - base-unet (U-Net)"].endswith("| +5.00 | -4.00 | 0.50 ± 6.36 | 1/2 |")
+    assert lines["synfoc - suponly-unet (U-Net)"].endswith("| +2.00 | - | 2.00 (one seed) | 1/1 |")
+    assert lines["synfoc - samed (foundation)"].endswith("| -1.50 | - | -1.50 (one seed) | 0/1 |")
+    assert "synfoc - base-foundation (foundation)" not in lines   # never ran: no row
+    assert seed_results(path, 2000, 0.95, 16, "benign") == {}

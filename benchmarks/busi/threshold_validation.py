@@ -21,12 +21,21 @@ each finished run's small files (``KEPT_FILES``) to ``DIR/<method>/``, inside th
 run outlives a machine whose ignored ``runs/`` folder is lost before anyone commits. Prints a table and
 appends one CSV row per run trained and student to ``benchmarks/results/busi/threshold_validation.csv``
 (``train_s``: the seconds of this call, so a resumed run's earlier part is not in it).
+
+``--seed-table`` trains nothing: it prints, from the CSV alone, every seed's validation Dice per
+method and student at the given ``--iters``, ``--thresholds`` (one), ``--unet-width`` and labeled
+domain, their mean and spread, and the differences paired by seed in the paper's ordering
+(``ORDERING``)::
+
+    python benchmarks/busi/threshold_validation.py --seed-table --iters 4000 --thresholds 0.95
 """
 
 from __future__ import annotations
 
 import argparse
+import csv
 import shutil
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -46,6 +55,65 @@ CSV_COLUMNS = ("commit", "torch", "device", "threads", "method", "student", "thr
 KEPT_FILES = ("summary.json", "config.yaml", "history.jsonl", "environment.jsonl", "per_case.csv", "labeled.txt")
 PROTOCOL = {"iters": 1000, "unet_size": 128, "unet_width": 16, "foundation": "litemedsam", "image_size": 128,
             "batch_labeled": 2, "batch_unlabeled": 2}
+
+
+# The paper's claim per student, best first (Table 6): each method should beat every one after it.
+ORDERING = {"unet": ("synfoc", "base-unet", "suponly-unet"), "foundation": ("synfoc", "base-foundation", "samed")}
+LABELS = {"unet": "U-Net", "foundation": "foundation"}
+
+
+def seed_results(csv_path: Path, iters: int, threshold: float, unet_width: int, domain: str) -> dict:
+    """{(method, student): {seed: validation Dice}} of the CSV rows with these settings. A cell
+    trained twice keeps its last row: the CSV is appended in the order the runs finished."""
+    cells: dict = {}
+    with open(csv_path, newline="") as f:
+        for row in csv.DictReader(f):
+            if (int(row["iters"]), float(row["threshold"]), int(row["unet_width"]), row["domain"]) \
+                    == (iters, threshold, unet_width, domain):
+                cells.setdefault((row["method"], row["student"]), {})[int(row["seed"])] = float(row["val_dice"])
+    return cells
+
+
+def _spread(values: list[float]) -> str:
+    if not values:
+        return "-"
+    mean = sum(values) / len(values)
+    if len(values) == 1:
+        return f"{mean:.2f} (one seed)"
+    return f"{mean:.2f} ± {statistics.stdev(values):.2f}"
+
+
+def seed_table(cells: dict) -> str:
+    """Markdown: one row per (method, student) with a column per seed, mean ± sample std; then, per
+    student, every method of ``ORDERING`` minus each one after it, paired by seed (the seeds where
+    both ran)."""
+    seeds = sorted({s for per_seed in cells.values() for s in per_seed})
+    lines = ["| method | student | " + " | ".join(f"seed {s}" for s in seeds) + " | mean ± std |",
+             "|---|---|" + "---:|" * (len(seeds) + 1)]
+    def rank(cell):  # the ORDERING's students and methods first, in its order; anything else after
+        method, student = cell
+        order = ORDERING.get(student, ())
+        return (list(ORDERING).index(student) if student in ORDERING else len(ORDERING), student,
+                order.index(method) if method in order else len(order), method)
+
+    for (method, student), per_seed in sorted(cells.items(), key=lambda kv: rank(kv[0])):
+        values = [per_seed[s] for s in seeds if s in per_seed]
+        lines.append(f"| {method} | {LABELS.get(student, student)} | "
+                     + " | ".join(f"{per_seed[s]:.2f}" if s in per_seed else "-" for s in seeds)
+                     + f" | {_spread(values)} |")
+    lines += ["", "| comparison (paired by seed) | " + " | ".join(f"seed {s}" for s in seeds)
+              + " | mean ± std | positive |", "|---|" + "---:|" * (len(seeds) + 2)]
+    for student, order in ORDERING.items():
+        for i, better in enumerate(order):
+            for worse in order[i + 1:]:
+                a, b = cells.get((better, student), {}), cells.get((worse, student), {})
+                diffs = {s: a[s] - b[s] for s in seeds if s in a and s in b}
+                if not diffs:
+                    continue
+                lines.append(f"| {better} - {worse} ({LABELS[student]}) | "
+                             + " | ".join(f"{diffs[s]:+.2f}" if s in diffs else "-" for s in seeds)
+                             + f" | {_spread(list(diffs.values()))} | {sum(d > 0 for d in diffs.values())}/{len(diffs)} |")
+    return "\n".join(lines) + "\n"
 
 
 def keep_run(run: Path, dest: Path) -> None:
@@ -78,7 +146,17 @@ def main() -> None:
     ap.add_argument("--csv", default=str(CSV))
     ap.add_argument("--keep", default=None,
                     help="copy each finished run's small files to KEEP/<method>/ (one threshold only)")
+    ap.add_argument("--seed-table", action="store_true",
+                    help="train nothing: print every seed's result and the paired differences from --csv")
     args = ap.parse_args()
+    if args.seed_table:
+        threshold = float(args.thresholds.split(",")[0])
+        cells = seed_results(Path(args.csv), args.iters, threshold, args.unet_width, args.labeled_domain)
+        if not cells:
+            sys.exit(f"{args.csv}: no rows with iters {args.iters}, threshold {threshold:g}, "
+                     f"unet_width {args.unet_width}, domain {args.labeled_domain}")
+        print(seed_table(cells), end="")
+        return
 
     from synfoc.config import resolve
     from synfoc.data.source import open_index
