@@ -307,3 +307,46 @@ def test_threshold_validation_seed_table_pairs_seeds_from_the_csv(tmp_path):
     assert lines["synfoc - samed (foundation)"].endswith("| -1.50 | - | -1.50 (one seed) | 0/1 |")
     assert "synfoc - base-foundation (foundation)" not in lines   # never ran: no row
     assert seed_results(path, 2000, 0.95, 16, "benign") == {}
+
+
+def test_pseudo_label_oracle_swaps_the_mean_teachers_targets():
+    """Within ``pseudo_labels_from(variant)`` MeanTeacher's unsupervised loss is the masked loss
+    against the hidden labels and/or an all-ones mask, computed here independently of the step."""
+    sys.path.insert(0, str(ROOT / "benchmarks" / "busi"))
+    import torch
+    from pseudo_label_oracle import pseudo_labels_from
+    from synfoc.augment import intermediate_sample
+    from synfoc.method.baselines import MeanTeacher
+    from synfoc.method.losses import ce_dice_loss
+    from synfoc.method.synfoc import pseudo_label
+    from synfoc.models import build_unet
+    from synfoc.views import Views
+
+    torch.manual_seed(0)
+    student, teacher = build_unet(1, 2, 4), build_unet(1, 2, 4)
+    mt = MeanTeacher("unet", student, teacher, threshold=0.6)
+    b, s = 2, 32
+    box = torch.zeros(b, s, s, dtype=torch.bool)
+    box[:, 4:12, 4:12] = True
+    truth = (torch.rand(b, s, s) > 0.7).long()
+    v = Views(x_u=torch.rand(b, 1, s, s), y_u=(torch.rand(b, s, s) > 0.5).long(), uw_u=torch.rand(b, 1, s, s),
+              us_u=torch.rand(b, 1, s, s), box_u=box, unlabeled_truth=truth)
+    with torch.no_grad():
+        q_teacher, w_teacher = pseudo_label(torch.softmax(teacher(v.uw_u), 1), 0.6)
+    assert 0 < w_teacher.float().mean() < 1   # the mask matters for this teacher
+    ones = torch.ones_like(w_teacher)
+    expected = {"teacher": (q_teacher, w_teacher), "truth": (truth, ones),
+                "truth-masked": (truth, w_teacher), "unmasked": (q_teacher, ones)}
+    student.train()
+    losses = {}
+    for variant, (q, w) in expected.items():
+        with pseudo_labels_from(variant):
+            _, logs = mt.step(v, 1, 2)
+        # the step's student forward normalises labeled and intermediate halves separately; in train
+        # mode a forward of the intermediate half alone does the same
+        with torch.no_grad():
+            logits_c = student(intermediate_sample(v.x_u, v.us_u, box))
+            want = ce_dice_loss(logits_c, intermediate_sample(v.y_u, q, box), box | w)
+        assert torch.allclose(logs["loss_u"], want, atol=1e-5), variant
+        losses[variant] = float(logs["loss_u"])
+    assert len({round(x, 5) for x in losses.values()}) == 4   # every variant trains on other targets

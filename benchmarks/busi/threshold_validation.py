@@ -127,12 +127,30 @@ def keep_run(run: Path, dest: Path) -> None:
     print(f"kept {', '.join(KEPT_FILES)} of {run} in {dest}", flush=True)
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def add_split_arguments(ap: argparse.ArgumentParser) -> None:
+    """The dataset and the validation split's options, shared by the scripts that train on it."""
     ap.add_argument("--dataset", default="../shared/data/busi")
     ap.add_argument("--labeled-domain", default="benign")
     ap.add_argument("--labeled-num", type=int, default=64)
     ap.add_argument("--val-num", type=int, default=64)
+
+
+def protocol_run(args: argparse.Namespace, out: Path, **settings) -> tuple[dict, bool]:
+    """Train the protocol with ``settings`` on the validation split of ``args`` into ``out``
+    (resuming; a finished run is reused). Returns (summary, whether this call trained)."""
+    from synfoc.config import resolve
+    from synfoc.data.source import open_index
+    cfg = resolve("busi", None, {
+        **PROTOCOL, "dataset": args.dataset, "labeled_domain": args.labeled_domain, "labeled_num": args.labeled_num,
+        "iters": args.iters, "precision": args.precision, "seed": args.seed, "test_domains": [args.labeled_domain],
+        "baseline": None, **settings})
+    carved = validation_index(open_index(cfg), args.labeled_domain, args.labeled_num, args.val_num)
+    return train_on(cfg, out, carved)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    add_split_arguments(ap)
     ap.add_argument("--thresholds", default="0.95,0.9,0.8")
     ap.add_argument("--methods", default="base-unet,base-foundation,synfoc")
     ap.add_argument("--iters", type=int, default=PROTOCOL["iters"])
@@ -158,24 +176,15 @@ def main() -> None:
         print(seed_table(cells), end="")
         return
 
-    from synfoc.config import resolve
-    from synfoc.data.source import open_index
-
     thresholds = [float(t) for t in args.thresholds.split(",")]
     if args.keep and len(thresholds) > 1:
         ap.error(f"--keep takes the runs of one threshold, got --thresholds {args.thresholds}")
     rows = []
     for method in args.methods.split(","):
         for threshold in thresholds:
-            cfg = resolve("busi", None, {
-                **PROTOCOL, "dataset": args.dataset, "labeled_domain": args.labeled_domain,
-                "labeled_num": args.labeled_num, "method": method, "threshold": threshold, "iters": args.iters,
-                "unet_width": args.unet_width, "precision": args.precision,
-                "seed": args.seed, "test_domains": [args.labeled_domain], "baseline": None})
-            carved = validation_index(open_index(cfg), args.labeled_domain, args.labeled_num, args.val_num)
             out = Path(args.out) / method / f"t{threshold:g}"
             start = time.time()
-            summary, trained = train_on(cfg, out, carved)
+            summary, trained = protocol_run(args, out, method=method, threshold=threshold, unet_width=args.unet_width)
             seconds = time.time() - start
             if args.keep:
                 keep_run(out, Path(args.keep) / method)
