@@ -23,6 +23,10 @@ from synfoc.figures import PART_COLOURS, overlay_contours, png_bytes, pyplot, sa
 CURVES = [("losses", ("loss", "loss_x", "loss_u", "loss_c", "loss_d")),
           ("ramp and ensemble weight", ("lambda", "alpha", "self_confidence", "mutual_confidence")),
           ("pseudo-label Dice (hidden labels)", ("pseudo_dice_unet", "pseudo_dice_foundation", "pseudo_dice_ensemble")),
+          # the confident pixels' foreground share by the pseudo-label and by the hidden labels, and
+          # how much of their true foreground the pseudo-label gets right
+          ("confident pixels against the hidden labels", ("confident_foreground", "confident_foreground_truth",
+                                                          "confident_foreground_recall")),
           # alpha over the instances of each log window (10th, 50th, 90th percentile) and the phases
           # where SMC's alpha = 1 means "both teachers see nothing" (Dice of two empty maps is 1)
           ("alpha over instances; empty teachers", ("alpha_p10", "alpha_p50", "alpha_p90", "teachers_both_empty",

@@ -517,3 +517,23 @@ def test_foundation_output_smaller_than_the_unet_input():
     expected_d = (((p_ms - p_ut) ** 2) * (1 - agree)).mean()
     assert logs["loss_c"].item() == pytest.approx(expected_c.item(), rel=1e-5)
     assert logs["loss_d"].item() == pytest.approx(expected_d.item(), rel=1e-5) and expected_d > 0
+
+
+def test_confident_against_truth_counts_the_confident_pixels_by_the_hidden_labels():
+    from synfoc.method.synfoc import confident_against_truth
+    g = torch.Generator().manual_seed(3)
+    q = torch.randint(0, 3, (2, 8, 8), generator=g)
+    truth = torch.randint(0, 3, (2, 8, 8), generator=g)
+    w = torch.rand(2, 8, 8, generator=g) > 0.4
+    out = confident_against_truth(q, w, truth)
+    qs, ts, ws = q.flatten().tolist(), truth.flatten().tolist(), w.flatten().tolist()
+    confident = [i for i, c in enumerate(ws) if c]
+    true_fg = [i for i in confident if ts[i] > 0]
+    assert out["confident_foreground_truth"].item() == pytest.approx(len(true_fg) / len(confident))
+    assert out["confident_foreground_recall"].item() == pytest.approx(
+        sum(qs[i] == ts[i] for i in true_fg) / len(true_fg))
+    # truth at twice the size is nearest-resized to the pseudo-label's
+    big = truth.repeat_interleave(2, dim=1).repeat_interleave(2, dim=2)
+    assert confident_against_truth(q, w, big)["confident_foreground_recall"] == out["confident_foreground_recall"]
+    # a pseudo-label equal to the truth recalls all of it
+    assert confident_against_truth(truth, w, truth)["confident_foreground_recall"].item() == 1

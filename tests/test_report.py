@@ -89,9 +89,10 @@ def test_report_is_one_self_contained_file(run, page):
             assert not attrs.get(name, "data:").lower().startswith(("http:", "https:", "//", "file:"))
     assert "http://" not in text and "https://" not in text
     sources = doc.images()
-    # five curve panels, three per unlabeled domain, the training views, and per domain 2 cases x
+    # six curve panels, three per unlabeled domain, the training views, and per domain 2 cases x
     # (truth, U-Net, foundation)
-    assert len(sources) == 5 + 3 + 1 + 3 * 2 * 3
+    assert len(sources) == 6 + 3 + 1 + 3 * 2 * 3
+    assert "confident pixels against the hidden labels" in text
     assert "alpha per unlabeled domain" in text and "confident foreground per unlabeled domain" in text
     assert "What the models train on" in text and "No training views" not in text
     for src in sources:

@@ -18,7 +18,7 @@ from torch import nn
 from synfoc.augment import intermediate_sample
 from synfoc.method.losses import ce_dice_loss, cross_entropy
 from synfoc.method.norm import batchnorm_per_part, frozen_batchnorm_stats
-from synfoc.method.synfoc import INSTANCES, confident_foreground, probs_of, pseudo_label, ramp_weight, resize_labels
+from synfoc.method.synfoc import INSTANCES, confident_against_truth, confident_foreground, probs_of, pseudo_label, ramp_weight, resize_labels
 from synfoc.views import Views
 
 Step = tuple[torch.Tensor, dict[str, torch.Tensor]]
@@ -107,4 +107,6 @@ class MeanTeacher(SingleModel):
         logs = {"loss": loss.detach(), "loss_x": loss_x.detach(), "loss_u": loss_u.detach(),
                 "lambda": torch.tensor(lam), "confident_fraction": w.float().mean(),
                 "confident_foreground": fg_batch, "confident_foreground" + INSTANCES: fg_instances}
+        if v.unlabeled_truth is not None:  # monitoring only
+            logs.update(confident_against_truth(q, w, v.unlabeled_truth))
         return loss, logs

@@ -65,6 +65,18 @@ def confident_foreground(q: torch.Tensor, w: torch.Tensor) -> tuple[torch.Tensor
     return foreground.sum() / confident.sum().clamp(min=1), foreground / confident.clamp(min=1)
 
 
+def confident_against_truth(q: torch.Tensor, w: torch.Tensor, truth: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Monitoring with the hidden labels (B, H, W): the foreground share of the confident pixels by
+    the truth (what ``confident_foreground`` would be if the pseudo-label were right there), and
+    the fraction of the confident truly-foreground pixels the pseudo-label gets right: a teacher
+    that is confident and wrong on lesions shows as a low recall, where a teacher that is merely
+    unconfident on them shows as a low truth share."""
+    truth = resize_labels(truth, q.shape[-1])
+    fg = (truth > 0) & w
+    return {"confident_foreground_truth": fg.sum() / w.sum().clamp(min=1),
+            "confident_foreground_recall": ((q == truth) & fg).sum() / fg.sum().clamp(min=1)}
+
+
 def empty_prediction(q: torch.Tensor) -> torch.Tensor:
     """Per instance: the label map has no foreground pixel."""
     return ~(q > 0).flatten(1).any(dim=1)
@@ -222,4 +234,5 @@ class SynFoC(nn.Module):
             dice_en = part_dice(q_en_ut, truth, self.parts)
             logs["pseudo_dice_ensemble"] = dice_en.mean()
             logs["pseudo_dice_ensemble" + INSTANCES] = dice_en
+            logs.update(confident_against_truth(q_en_ut, w_en_ut, truth))
         return loss, logs
