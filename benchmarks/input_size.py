@@ -33,15 +33,23 @@ CSV_COLUMNS = ("commit", "torch", "device", "threads", "domain", "labeled", "val
                "score_size", "val_dice", "val_hd95", "gflop_forward", "train_s")
 
 
-def validation_index(index, domain: str, labeled_num: int, val_num: int):
+def validation_index(index, domain: str, labeled_num: int, val_num: int, other_num: int = 0):
     """A copy of ``index`` whose test split is ``val_num`` training images of ``domain``: those that
-    follow the first ``labeled_num`` in name order (the MiDSS labeled set). They leave the training
-    split, so they are neither labeled nor unlabeled; the real test cases are dropped."""
+    follow the first ``labeled_num`` in name order (the MiDSS labeled set), and the first
+    ``other_num`` training images in name order of every other domain (which would otherwise be
+    unlabeled). They leave the training split, so they are neither labeled nor unlabeled; the real
+    test cases are dropped."""
     train = sorted(index.cases_of(domain, "train"), key=lambda c: c.name)
     if len(train) < labeled_num + val_num:
         raise SystemExit(f"{domain} has {len(train)} training images, fewer than {labeled_num} labeled + "
                          f"{val_num} validation")
-    return as_validation(index, train[labeled_num:labeled_num + val_num])
+    val = train[labeled_num:labeled_num + val_num]
+    for other in sorted({c.domain for c in index.cases} - {domain}) if other_num else []:
+        cases = sorted(index.cases_of(other, "train"), key=lambda c: c.name)
+        if len(cases) <= other_num:
+            raise SystemExit(f"{other} has {len(cases)} training images, not more than {other_num} validation")
+        val += cases[:other_num]
+    return as_validation(index, val)
 
 
 def as_validation(index, val_cases):

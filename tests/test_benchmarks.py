@@ -62,6 +62,15 @@ def test_input_size_validation_split_is_carved_from_training_data():
     labeled, _ = split_labeled(carved, "siteA", num=3)
     assert sorted(c.name for c in labeled) == names[:3]     # the same labeled images as without carving
     assert len(index.cases_of(split="test")) == 9            # the original index is untouched
+    # with other_num, the first training images of every other domain leave the unlabeled set too
+    both = validation_index(index, "siteA", labeled_num=3, val_num=4, other_num=2)
+    for site in ("siteB", "siteC"):
+        site_names = sorted(c.name for c in index.cases_of(site, "train"))
+        assert sorted(c.name for c in both.cases_of(site, "test")) == site_names[:2]
+        assert sorted(c.name for c in both.cases_of(site, "train")) == site_names[2:]
+    assert sorted(c.name for c in both.cases_of("siteA", "test")) == names[3:7]
+    with pytest.raises(SystemExit, match="siteB has 10 training images"):
+        validation_index(index, "siteA", labeled_num=3, val_num=4, other_num=10)
 
 
 def test_folded_rel_pos_sdpa_is_segment_anythings_attention():
@@ -295,7 +304,12 @@ def test_threshold_validation_seed_table_pairs_seeds_from_the_csv(tmp_path):
         for method, student, seed, iters, dice in rows:
             w.writerow({c: "" for c in CSV_COLUMNS} | {
                 "method": method, "student": student, "threshold": 0.95, "domain": "benign", "seed": seed,
-                "iters": iters, "unet_width": 16, "val_dice": dice})
+                "iters": iters, "unet_width": 16, "val_dice": dice, "validation_other": 0})
+        # validated on the other domain too: another split, kept apart, its second score readable
+        w.writerow({c: "" for c in CSV_COLUMNS} | {
+            "method": "synfoc", "student": "unet", "threshold": 0.95, "domain": "benign", "seed": 1, "iters": 4000,
+            "unet_width": 16, "val_dice": 1.0, "validation_other": 40, "val_dice_other": 2.0})
+    assert seed_results(path, 4000, 0.95, 16, "benign", 40, "val_dice_other") == {("synfoc", "unet"): {1: 2.0}}
     cells = seed_results(path, 4000, 0.95, 16, "benign")
     assert cells[("synfoc", "unet")] == {1: 60.0, 2: 50.0}
     assert cells[("base-unet", "unet")] == {1: 55.0, 2: 54.0}

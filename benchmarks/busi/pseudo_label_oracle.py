@@ -45,11 +45,11 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 sys.path.insert(0, str(HERE))
 from machine import append_csv, run_metadata  # noqa: E402
-from threshold_validation import PROTOCOL, add_split_arguments, keep_run, protocol_run  # noqa: E402
+from threshold_validation import PROTOCOL, add_split_arguments, keep_run, protocol_run, validation_scores  # noqa: E402
 
 CSV = HERE.parent / "results" / "busi" / "pseudo_label_oracle.csv"
 CSV_COLUMNS = ("commit", "torch", "device", "threads", "variant", "teacher_mode", "photometric", "threshold", "domain", "labeled", "validation",
-               "seed", "iters", "unet_width", "val_dice", "val_hd95", "train_s")
+               "validation_other", "seed", "iters", "unet_width", "val_dice", "val_hd95", "val_dice_other", "train_s")
 VARIANTS = ("teacher", "truth", "truth-masked", "unmasked")
 
 
@@ -118,19 +118,20 @@ def main() -> None:
         seconds = time.time() - start
         if args.keep:
             keep_run(out, Path(args.keep) / name)
-        mean = summary["students"]["unet"]["mean"]
         rows.append({**run_metadata(HERE.parent.parent), "name": name, "variant": variant, "teacher_mode": args.teacher_mode,
                      "photometric": args.photometric.replace(",", "-"), "threshold": args.threshold,
                      "domain": args.labeled_domain, "labeled": args.labeled_num, "validation": args.val_num,
-                     "seed": args.seed, "iters": args.iters, "unet_width": PROTOCOL["unet_width"],
-                     "val_dice": round(100 * mean["dice"], 2), "val_hd95": round(mean["hd95"], 2),
+                     "validation_other": args.val_other, "seed": args.seed, "iters": args.iters,
+                     "unet_width": PROTOCOL["unet_width"], **validation_scores(summary["students"]["unet"], args.labeled_domain),
                      "train_s": round(seconds, 1)})
-        print(f"{name}: validation Dice {rows[-1]['val_dice']:.2f}", flush=True)
+        other = f", other domains {rows[-1]['val_dice_other']:.2f}" if args.val_other else ""
+        print(f"{name}: validation Dice {rows[-1]['val_dice']:.2f}{other}", flush=True)
         if trained:
             append_csv(Path(args.csv), CSV_COLUMNS, [{c: rows[-1][c] for c in CSV_COLUMNS}])
-    print("\n| pseudo-labels | validation Dice | HD95 | train s |\n|---|---:|---:|---:|")
+    print("\n| pseudo-labels | validation Dice | HD95 | other domains' Dice | train s |\n|---|---:|---:|---:|---:|")
     for r in rows:
-        print(f"| {r['name']} | {r['val_dice']:.2f} | {r['val_hd95']:.2f} | {r['train_s']:.0f} |")
+        print(f"| {r['name']} | {r['val_dice']:.2f} | {r['val_hd95']:.2f} | {r['val_dice_other'] or '-'} | "
+              f"{r['train_s']:.0f} |")
 
 
 if __name__ == "__main__":

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import dataclasses
 import shutil
 import statistics
 import sys
@@ -47,7 +48,8 @@ from machine import append_csv, run_metadata  # noqa: E402
 
 CSV = HERE.parent / "results" / "busi" / "threshold_validation.csv"
 CSV_COLUMNS = ("commit", "torch", "device", "threads", "method", "student", "threshold", "domain", "labeled",
-               "validation", "seed", "iters", "unet_width", "val_dice", "val_hd95", "train_s")
+               "validation", "validation_other", "seed", "iters", "unet_width", "val_dice", "val_hd95", "val_dice_other",
+               "train_s")
 # The CPU protocol of benchmarks/busi/run_protocol.sh, less the split (labeled_num instead of the
 # ratio: the carved-out validation images would otherwise shrink the labeled set).
 # What benchmarks/busi/run_protocol.sh keeps of a finished run, too: small, and enough to
@@ -62,15 +64,17 @@ ORDERING = {"unet": ("synfoc", "base-unet", "suponly-unet"), "foundation": ("syn
 LABELS = {"unet": "U-Net", "foundation": "foundation"}
 
 
-def seed_results(csv_path: Path, iters: int, threshold: float, unet_width: int, domain: str) -> dict:
-    """{(method, student): {seed: validation Dice}} of the CSV rows with these settings. A cell
-    trained twice keeps its last row: the CSV is appended in the order the runs finished."""
+def seed_results(csv_path: Path, iters: int, threshold: float, unet_width: int, domain: str,
+                 validation_other: int = 0, column: str = "val_dice") -> dict:
+    """{(method, student): {seed: ``column``}} of the CSV rows with these settings (``val_dice``: the
+    labeled domain's validation Dice; ``val_dice_other``: the other domains'). A cell trained twice
+    keeps its last row: the CSV is appended in the order the runs finished."""
     cells: dict = {}
     with open(csv_path, newline="") as f:
         for row in csv.DictReader(f):
-            if (int(row["iters"]), float(row["threshold"]), int(row["unet_width"]), row["domain"]) \
-                    == (iters, threshold, unet_width, domain):
-                cells.setdefault((row["method"], row["student"]), {})[int(row["seed"])] = float(row["val_dice"])
+            if (int(row["iters"]), float(row["threshold"]), int(row["unet_width"]), row["domain"],
+                    int(row["validation_other"])) == (iters, threshold, unet_width, domain, validation_other):
+                cells.setdefault((row["method"], row["student"]), {})[int(row["seed"])] = float(row[column])
     return cells
 
 
@@ -133,6 +137,9 @@ def add_split_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--labeled-domain", default="benign")
     ap.add_argument("--labeled-num", type=int, default=64)
     ap.add_argument("--val-num", type=int, default=64)
+    ap.add_argument("--val-other", type=int, default=0,
+                    help="also validate on the first N training images (by name) of every other domain, which "
+                         "leave the unlabeled set: the mixed-domain score of the paper's tables")
 
 
 def protocol_run(args: argparse.Namespace, out: Path, **settings) -> tuple[dict, bool]:
@@ -144,8 +151,20 @@ def protocol_run(args: argparse.Namespace, out: Path, **settings) -> tuple[dict,
         **PROTOCOL, "dataset": args.dataset, "labeled_domain": args.labeled_domain, "labeled_num": args.labeled_num,
         "iters": args.iters, "precision": args.precision, "seed": args.seed, "test_domains": [args.labeled_domain],
         "baseline": None, **settings})
-    carved = validation_index(open_index(cfg), args.labeled_domain, args.labeled_num, args.val_num)
+    if args.val_other:
+        cfg = dataclasses.replace(cfg, test_domains=None)   # every domain
+    carved = validation_index(open_index(cfg), args.labeled_domain, args.labeled_num, args.val_num, args.val_other)
     return train_on(cfg, out, carved)
+
+
+def validation_scores(student_result: dict, labeled_domain: str) -> dict:
+    """A student's CSV scores from its summary: the labeled domain's validation Dice (%) and HD95,
+    and the mean Dice (%) over the other validated domains (empty when there are none)."""
+    per_domain = student_result["per_domain"]
+    own = per_domain[labeled_domain]
+    others = [r["dice"] for d, r in per_domain.items() if d != labeled_domain]
+    return {"val_dice": round(100 * own["dice"], 2), "val_hd95": round(own["hd95"], 2),
+            "val_dice_other": round(100 * sum(others) / len(others), 2) if others else ""}
 
 
 def main() -> None:
@@ -169,11 +188,16 @@ def main() -> None:
     args = ap.parse_args()
     if args.seed_table:
         threshold = float(args.thresholds.split(",")[0])
-        cells = seed_results(Path(args.csv), args.iters, threshold, args.unet_width, args.labeled_domain)
-        if not cells:
-            sys.exit(f"{args.csv}: no rows with iters {args.iters}, threshold {threshold:g}, "
-                     f"unet_width {args.unet_width}, domain {args.labeled_domain}")
-        print(seed_table(cells), end="")
+        columns = ["val_dice"] + (["val_dice_other"] if args.val_other else [])
+        for column in columns:
+            cells = seed_results(Path(args.csv), args.iters, threshold, args.unet_width, args.labeled_domain,
+                                 args.val_other, column)
+            if not cells:
+                sys.exit(f"{args.csv}: no rows with iters {args.iters}, threshold {threshold:g}, unet_width "
+                         f"{args.unet_width}, domain {args.labeled_domain}, validation_other {args.val_other}")
+            if len(columns) > 1:
+                print(f"\n{'labeled domain' if column == 'val_dice' else 'other domains'} ({column}):\n")
+            print(seed_table(cells), end="")
         return
 
     thresholds = [float(t) for t in args.thresholds.split(",")]
@@ -189,13 +213,13 @@ def main() -> None:
             if args.keep:
                 keep_run(out, Path(args.keep) / method)
             for student, result in summary["students"].items():
-                mean = result["mean"]
                 rows.append({**run_metadata(HERE.parent.parent), "method": method, "student": student,
                              "threshold": threshold, "domain": args.labeled_domain, "labeled": args.labeled_num,
-                             "validation": args.val_num, "seed": args.seed, "iters": args.iters,
-                             "unet_width": args.unet_width, "val_dice": round(100 * mean["dice"], 2),
-                             "val_hd95": round(mean["hd95"], 2), "train_s": round(seconds, 1)})
-                print(f"{method} {student} threshold {threshold:g}: validation Dice {rows[-1]['val_dice']:.2f}",
+                             "validation": args.val_num, "validation_other": args.val_other, "seed": args.seed,
+                             "iters": args.iters, "unet_width": args.unet_width,
+                             **validation_scores(result, args.labeled_domain), "train_s": round(seconds, 1)})
+                other = f", other domains {rows[-1]['val_dice_other']:.2f}" if args.val_other else ""
+                print(f"{method} {student} threshold {threshold:g}: validation Dice {rows[-1]['val_dice']:.2f}{other}",
                       flush=True)
                 if trained:
                     append_csv(Path(args.csv), CSV_COLUMNS, [rows[-1]])
