@@ -45,12 +45,17 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 sys.path.insert(0, str(HERE))
 from machine import append_csv, run_metadata  # noqa: E402
+from synfoc.config import TrainConfig  # noqa: E402
 from threshold_validation import PROTOCOL, add_split_arguments, keep_run, protocol_run, validation_scores  # noqa: E402
 
 CSV = HERE.parent / "results" / "busi" / "pseudo_label_oracle.csv"
 CSV_COLUMNS = ("commit", "torch", "device", "threads", "variant", "teacher_mode", "photometric", "threshold", "domain", "labeled", "validation",
                "validation_other", "seed", "iters", "unet_width", "val_dice", "val_hd95", "val_dice_other", "train_s")
 VARIANTS = ("teacher", "truth", "truth-masked", "unmasked")
+# The strong view's default brightness and contrast ranges (the config's, which are equal): runs
+# that keep them keep the plain variant name.
+DEFAULT_PHOTOMETRIC = TrainConfig().brightness
+assert DEFAULT_PHOTOMETRIC == TrainConfig().contrast
 
 
 def oracle_pseudo_label(variant: str, truth: torch.Tensor | None, pseudo_label):
@@ -91,7 +96,7 @@ def main() -> None:
     ap.add_argument("--variants", default="truth,truth-masked,unmasked", help=f"comma-separated: {', '.join(VARIANTS)}")
     ap.add_argument("--threshold", type=float, default=0.95)
     ap.add_argument("--teacher-mode", default="train", choices=("train", "eval"))
-    ap.add_argument("--photometric", default="0.1,2.0", help="LO,HI of the strong view's brightness and contrast factors")
+    ap.add_argument("--photometric", default=",".join(map(str, DEFAULT_PHOTOMETRIC)), help="LO,HI of the strong view's brightness and contrast factors")
     ap.add_argument("--iters", type=int, default=4000)
     ap.add_argument("--seed", type=int, default=1337)
     ap.add_argument("--precision", default="auto", choices=("auto", "bf16", "fp32"))
@@ -108,7 +113,7 @@ def main() -> None:
     rows = []
     for variant in variants:
         name = variant + ("" if args.teacher_mode == "train" else f"-teacher-{args.teacher_mode}") \
-            + ("" if photometric == [0.1, 2.0] else f"-photometric-{args.photometric.replace(',', '-')}")
+            + ("" if photometric == DEFAULT_PHOTOMETRIC else f"-photometric-{args.photometric.replace(',', '-')}")
         out = Path(args.out) / name
         start = time.time()
         with pseudo_labels_from(variant):
