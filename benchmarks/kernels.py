@@ -99,9 +99,11 @@ def folded_rel_pos_sdpa(attn, x: torch.Tensor) -> torch.Tensor:
     cols = torch.einsum("bhwc,wkc->bhwk", grid, get_rel_pos(w, w, attn.rel_pos_w)).reshape(q.shape[0], h * w, w)
     one_hot_rows = torch.eye(h, dtype=k.dtype).repeat_interleave(w, 0).expand(k.shape[0], -1, -1)
     one_hot_cols = torch.eye(w, dtype=k.dtype).repeat(h, 1).expand(k.shape[0], -1, -1)
-    out = F.scaled_dot_product_attention(torch.cat([q * attn.scale, rows, cols], -1),
-                                         torch.cat([k, one_hot_rows, one_hot_cols], -1), v, scale=1.0)
-    return attn.proj(out.view(b, attn.num_heads, h, w, -1).permute(0, 2, 3, 1, 4).reshape(b, h, w, -1))
+    q = torch.cat([q * attn.scale, rows, cols], -1)
+    # PyTorch's CPU flash attention wants the value's head dim equal to the query's: zero-pad it.
+    out = F.scaled_dot_product_attention(q, torch.cat([k, one_hot_rows, one_hot_cols], -1),
+                                         F.pad(v, (0, q.shape[-1] - v.shape[-1])), scale=1.0)[..., :v.shape[-1]]
+    return attn.proj(out.reshape(b, attn.num_heads, h, w, -1).permute(0, 2, 3, 1, 4).reshape(b, h, w, -1))
 
 
 def sam_vit_attention_rows(reps: int):
