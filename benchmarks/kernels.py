@@ -85,30 +85,10 @@ def attention_rows(model, reps: int):
                "vendored", "chosen kernel", times)
 
 
-def folded_rel_pos_sdpa(attn, x: torch.Tensor) -> torch.Tensor:
-    """segment_anything's ``Attention.forward`` (relative positions on) through
-    ``scaled_dot_product_attention``: the decomposed relative-position terms are folded into the
-    query (its per-row and per-column terms appended) and the key (one-hot row and column appended),
-    which gives the same logits without building an N x N bias."""
-    from segment_anything.modeling.image_encoder import get_rel_pos
-    b, h, w, _ = x.shape
-    qkv = attn.qkv(x).reshape(b, h * w, 3, attn.num_heads, -1).permute(2, 0, 3, 1, 4)
-    q, k, v = qkv.reshape(3, b * attn.num_heads, h * w, -1).unbind(0)
-    grid = q.reshape(-1, h, w, q.shape[-1])
-    rows = torch.einsum("bhwc,hkc->bhwk", grid, get_rel_pos(h, h, attn.rel_pos_h)).reshape(q.shape[0], h * w, h)
-    cols = torch.einsum("bhwc,wkc->bhwk", grid, get_rel_pos(w, w, attn.rel_pos_w)).reshape(q.shape[0], h * w, w)
-    one_hot_rows = torch.eye(h, dtype=k.dtype).repeat_interleave(w, 0).expand(k.shape[0], -1, -1)
-    one_hot_cols = torch.eye(w, dtype=k.dtype).repeat(h, 1).expand(k.shape[0], -1, -1)
-    q = torch.cat([q * attn.scale, rows, cols], -1)
-    # PyTorch's CPU flash attention wants the value's head dim equal to the query's: zero-pad it.
-    out = F.scaled_dot_product_attention(q, torch.cat([k, one_hot_rows, one_hot_cols], -1),
-                                         F.pad(v, (0, q.shape[-1] - v.shape[-1])), scale=1.0)[..., :v.shape[-1]]
-    return attn.proj(out.reshape(b, attn.num_heads, h, w, -1).permute(0, 2, 3, 1, 4).reshape(b, h, w, -1))
-
-
 def sam_vit_attention_rows(reps: int):
     """SAM ViT-B's attention at the paper's 512 input (global over 32x32 tokens, and 14x14 windows),
-    as segment_anything computes it and as :func:`folded_rel_pos_sdpa`."""
+    as segment_anything computes it and with the ``sam_vit_attention`` kernel (relative positions
+    folded into the query and key)."""
     from segment_anything.modeling.image_encoder import Attention
 
     for side, batch in ((32, 4), (14, 36)):  # 4 images; 9 padded windows per image
@@ -116,12 +96,13 @@ def sam_vit_attention_rows(reps: int):
         torch.nn.init.normal_(attn.rel_pos_h, std=0.02)
         torch.nn.init.normal_(attn.rel_pos_w, std=0.02)
         attn.requires_grad_(False)   # frozen base; the gradient flows to the input (LoRA sits in qkv)
+        fast = _accelerated(attn, "sam_vit_attention")
         x = torch.randn(batch, side, side, 768, requires_grad=True)
         for dtype in (torch.float32, BF16):
             with torch.autocast("cpu", dtype=BF16, enabled=dtype == BF16):
-                times = timed_pair(fwd_bwd(attn, x), fwd_bwd(lambda y: folded_rel_pos_sdpa(attn, y), x), reps)
-            yield (f"SAM ViT-B attention, {batch} x {side}x{side} tokens, {str(dtype)[6:]}, fwd+bwd", "segment_anything",
-                   "SDPA, rel-pos folded into q and k", times)
+                times = timed_pair(fwd_bwd(attn, x), fwd_bwd(fast, x), reps)
+            yield (f"sam_vit_attention: {batch} x {side}x{side} tokens, {str(dtype)[6:]}, fwd+bwd", "segment_anything",
+                   "rel-pos folded into q and k", times)
 
 
 def accel_rows(model, reps: int):

@@ -33,6 +33,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from segment_anything.modeling.image_encoder import get_rel_pos
+
 from synfoc import cpu
 
 __all__ = ["KERNELS", "Kernel", "accelerate", "available_kernels"]
@@ -109,6 +111,41 @@ class TinyViTWindowAttention(nn.Module):
 
 def _tinyvit_attention(m: nn.Module) -> type | None:
     return _subclass(TinyViTWindowAttention, type(m)) if _is_vendored(m, "Attention", "tiny_vit_sam") else None
+
+
+# ----------------------------------------------------------------------------- SAM ViT attention
+class SamViTAttention(nn.Module):
+    """SAM ViT's attention with decomposed relative positions (MedSAM / SAM ViT-B encoders), the
+    relative-position terms folded into the query and key:
+
+        q' = [q * scale, q R_h, q R_w],   k' = [k, onehot(row of key), onehot(column of key)],
+
+    so that ``q' k'^T`` equals segment_anything's logits ``q k^T * scale + rel_h + rel_w`` in one
+    matmul. segment_anything adds the two terms as broadcast adds over the N x N logits and sums
+    the logits' gradient back over them in backward: memory-bound passes that cost as much as the
+    matmuls on CPUs whose matmuls are fast (the extra head dims cost the matmul little, its output
+    is N x N either way). Without relative positions it is the plain forward."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.use_rel_pos:
+            return super().forward(x)
+        batch, height, width, _ = x.shape
+        tokens = height * width
+        qkv = self.qkv(x).reshape(batch, tokens, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.reshape(3, batch * self.num_heads, tokens, -1).unbind(0)
+        grid = q.reshape(-1, height, width, q.shape[-1])
+        rows = torch.einsum("bhwc,hkc->bhwk", grid, get_rel_pos(height, height, self.rel_pos_h))
+        cols = torch.einsum("bhwc,wkc->bhwk", grid, get_rel_pos(width, width, self.rel_pos_w))
+        q = torch.cat([q * self.scale, rows.reshape(-1, tokens, height), cols.reshape(-1, tokens, width)], -1)
+        eye_h, eye_w = (torch.eye(n, dtype=q.dtype, device=q.device) for n in (height, width))
+        key_position = torch.cat([eye_h.repeat_interleave(width, 0), eye_w.repeat(height, 1)], -1)  # (N, h + w)
+        k = torch.cat([k.to(q.dtype), key_position.expand(k.shape[0], -1, -1)], -1)
+        x = torch.matmul(torch.matmul(q, k.transpose(-2, -1)).softmax(dim=-1), v)
+        return self.proj(x.view(batch, self.num_heads, height, width, -1).permute(0, 2, 3, 1, 4).reshape(batch, height, width, -1))
+
+
+def _sam_vit_attention(m: nn.Module) -> type | None:
+    return _subclass(SamViTAttention, type(m)) if _is_vendored(m, "Attention", "image_encoder") else None
 
 
 # ----------------------------------------------------------------------------- TinyViT Conv2d_BN
@@ -235,6 +272,8 @@ KERNELS: dict[str, Kernel] = {k.name: k for k in (
            _onednn_fp32, _layer_norm_2d),
     Kernel("tinyvit_attention", "TinyViT's window Attention", X86,
            _onednn_fp32, _tinyvit_attention),
+    Kernel("sam_vit_attention", "SAM ViT's Attention with relative positions (ViT-B encoders)", X86,
+           _onednn_fp32, _sam_vit_attention),
     Kernel("folded_conv_bn", "TinyViT's Conv2d_BN (eval mode)", ONEDNN,
            _onednn_fp32, _conv2d_bn),
     Kernel("tinyvit_fused_convs", "TinyViT's PatchEmbed, MBConv, PatchMerging without gradient",

@@ -279,6 +279,64 @@ def test_window_attention_fp32_matches_values_and_gradients(tokens, lite_plain):
         torch.testing.assert_close(g, e, rtol=1e-3, atol=1e-4)
 
 
+def _tiny_sam_vit_encoder() -> nn.Module:
+    """segment_anything's ViT encoder, tiny: an 8x8 token grid, a windowed block (window 3, so the
+    grid is padded to 9x9) and a global one, relative-position tables and LoRA factors drawn."""
+    from segment_anything.modeling.image_encoder import ImageEncoderViT
+
+    from synfoc.models.lora import add_lora_to_qkv, sam_vit_qv_indices
+    torch.manual_seed(4)
+    encoder = ImageEncoderViT(img_size=64, patch_size=8, embed_dim=32, depth=2, num_heads=4, out_chans=8,
+                              use_rel_pos=True, window_size=3, global_attn_indexes=(1,))
+    for block in encoder.blocks:
+        add_lora_to_qkv(block.attn, "qkv", *sam_vit_qv_indices(32), rank=2)
+    with torch.no_grad():
+        for name, p in encoder.named_parameters():
+            if "rel_pos" in name or "lora_b" in name:
+                p.normal_(std=0.5)
+    return encoder
+
+
+def test_sam_vit_attention_folded_relative_positions_match_segment_anything():
+    """The folded attention gives segment_anything's encoder output and the gradients of the image
+    and of the LoRA factors, windowed and global blocks alike (fp32: float rounding); under bf16
+    autocast it is as close to fp32 as the plain encoder; without relative positions it is plain."""
+    plain = _tiny_sam_vit_encoder()
+    fast = _accelerated(plain, "sam_vit_attention")
+    assert [type(b.attn).__name__ for b in fast.blocks] == ["SamViTAttention"] * 2
+    images = torch.randn(2, 3, 64, 64)
+    weights = torch.randn(2, 8, 8, 8)  # the neck ends in a layer norm: a loss of out**2 would have no gradient
+
+    def run(model, bf16=False):
+        x = images.clone().requires_grad_()
+        with torch.autocast("cpu", dtype=BF16, enabled=bf16):
+            out = model(x).float()
+        lora = [p for name, p in model.named_parameters() if "lora_" in name]
+        return out, torch.autograd.grad((out * weights).sum(), [x, *lora])
+
+    out32, grads32 = run(plain)
+    fast32, fast_grads32 = run(fast)
+    torch.testing.assert_close(fast32, out32, rtol=1e-4, atol=1e-4)
+    for g, e in zip(fast_grads32, grads32):
+        torch.testing.assert_close(g, e, rtol=1e-3, atol=1e-5)
+    out16, grads16 = run(plain, bf16=True)
+    fast16, fast_grads16 = run(fast, bf16=True)
+    assert (fast16 - out32).abs().mean() <= 2 * (out16 - out32).abs().mean() + 1e-3 * out32.abs().mean()
+    for g16, f16, e in zip(grads16, fast_grads16, grads32):
+        plain_cos = F.cosine_similarity(g16.flatten().float(), e.flatten(), dim=0)
+        assert F.cosine_similarity(f16.flatten().float(), e.flatten(), dim=0) >= plain_cos - 0.02
+    # the relative positions matter here (a kernel that dropped them would fail above) ...
+    with torch.no_grad():
+        for block in fast.blocks:
+            block.attn.rel_pos_h.zero_()
+    assert (run(fast)[0] - out32).abs().max() > 1e-2
+    # ... and without them the kernel is the plain forward
+    for model in (plain, fast):
+        for block in model.blocks:
+            block.attn.use_rel_pos = False
+    torch.testing.assert_close(run(fast)[0], run(plain)[0])
+
+
 def test_folded_conv_bn_matches_convolution_then_batchnorm(lite_plain):
     """Eval mode: the BatchNorm folded into the convolution, values and input gradients, including
     the strided depthwise convolution whose bf16 input gradient is computed in fp32; train mode:

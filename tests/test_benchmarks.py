@@ -73,30 +73,6 @@ def test_input_size_validation_split_is_carved_from_training_data():
         validation_index(index, "siteA", labeled_num=3, val_num=4, other_num=10)
 
 
-def test_folded_rel_pos_sdpa_is_segment_anythings_attention():
-    """The SDPA variant that kernels.py times against SAM ViT's attention computes the same outputs
-    and input gradients (non-square grid, several heads, non-zero relative-position tables)."""
-    import torch
-    from segment_anything.modeling.image_encoder import Attention
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    from kernels import folded_rel_pos_sdpa
-    torch.manual_seed(0)
-    attn = Attention(32, 4, use_rel_pos=True, input_size=(5, 7))
-    torch.nn.init.normal_(attn.rel_pos_h)
-    torch.nn.init.normal_(attn.rel_pos_w)
-    x = torch.randn(2, 5, 7, 32, requires_grad=True)
-    y_ref = attn(x)
-    g_ref, = torch.autograd.grad(y_ref.square().sum(), x)
-    y = folded_rel_pos_sdpa(attn, x)
-    g, = torch.autograd.grad(y.square().sum(), x)
-    torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(g, g_ref, rtol=1e-4, atol=1e-4)
-    # without the folded terms the outputs differ: the check sees the relative positions
-    with torch.no_grad():
-        attn.rel_pos_h.zero_()
-    assert (folded_rel_pos_sdpa(attn, x) - y_ref).abs().max() > 1e-2
-
-
 def test_teacher_confidence_rows_count_against_the_hidden_labels():
     """The BUSI diagnosis's numbers: confident share, lesion share, recall and precision of confident
     lesion labels, checked against counts made by hand on a 1x1x2x3 map."""
