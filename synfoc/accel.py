@@ -8,9 +8,10 @@ so state dicts and weight files do not change, and a teacher copied from an acce
 accelerated too.
 
 Each kernel was kept for a whole-step gain on x86-64 CPUs, with bf16 arithmetic (bf16 autocast) and
-without (AVX2, fp32) alike; ``sam_vit_attention`` gains with bf16 and is level in AVX2 fp32. :func:`accelerate` applies the entries this machine has
-(:func:`available_kernels`, asked of :mod:`synfoc.cpu`); on CUDA, or on a CPU without what an entry
-needs (oneDNN, which PyTorch has on x86-64 only), it leaves the model alone. A swapped module still
+without (AVX2, fp32) alike (``sam_vit_attention`` gains with bf16 and is level in AVX2 fp32).
+:func:`accelerate` applies the entries this machine has (:func:`available_kernels`, asked of
+:mod:`synfoc.cpu`); on CUDA, or on a CPU without what an entry needs (oneDNN, which PyTorch has on
+x86-64 only), it leaves the model alone. A swapped module still
 checks at each call what its fast path needs (the autocast dtype, whether a gradient is wanted,
 whether oneDNN runs the dtype here) and otherwise runs the plain module's forward, so an accelerated
 model also computes correctly in fp32, or on a machine it was not built on.
@@ -31,9 +32,8 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from torch import nn
-
 from segment_anything.modeling.image_encoder import get_rel_pos
+from torch import nn
 
 from synfoc import cpu
 
@@ -141,7 +141,8 @@ class SamViTAttention(nn.Module):
         key_position = torch.cat([eye_h.repeat_interleave(width, 0), eye_w.repeat(height, 1)], -1)  # (N, h + w)
         k = torch.cat([k.to(q.dtype), key_position.expand(k.shape[0], -1, -1)], -1)
         x = torch.matmul(torch.matmul(q, k.transpose(-2, -1)).softmax(dim=-1), v)
-        return self.proj(x.view(batch, self.num_heads, height, width, -1).permute(0, 2, 3, 1, 4).reshape(batch, height, width, -1))
+        x = x.view(batch, self.num_heads, height, width, -1).permute(0, 2, 3, 1, 4)
+        return self.proj(x.reshape(batch, height, width, -1))
 
 
 def _sam_vit_attention(m: nn.Module) -> type | None:
