@@ -139,7 +139,7 @@ class SamViTAttention(nn.Module):
         q = torch.cat([q * self.scale, rows.reshape(-1, tokens, height), cols.reshape(-1, tokens, width)], -1)
         eye_h, eye_w = (torch.eye(n, dtype=q.dtype, device=q.device) for n in (height, width))
         key_position = torch.cat([eye_h.repeat_interleave(width, 0), eye_w.repeat(height, 1)], -1)  # (N, h + w)
-        k = torch.cat([k.to(q.dtype), key_position.expand(k.shape[0], -1, -1)], -1)
+        k = torch.cat([k, key_position.expand(k.shape[0], -1, -1)], -1)
         x = torch.matmul(torch.matmul(q, k.transpose(-2, -1)).softmax(dim=-1), v)
         x = x.view(batch, self.num_heads, height, width, -1).permute(0, 2, 3, 1, 4)
         return self.proj(x.reshape(batch, height, width, -1))
