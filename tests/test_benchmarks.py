@@ -109,6 +109,29 @@ def test_curves_phase_means_average_the_log_rows_of_each_phase(tmp_path):
         assert m == sum(steps) / len(steps)
 
 
+def test_curves_validation_tables_read_every_kept_run_by_method_and_seed(tmp_path, capsys):
+    sys.path.insert(0, str(ROOT / "benchmarks" / "busi"))
+    from curves import main
+    for method, seed, value in [("synfoc", 1, 0.25), ("synfoc", 2, 0.5), ("base-foundation", 1, 1.0)]:
+        run = tmp_path / f"seed{seed}" / method
+        run.mkdir(parents=True)
+        rows = [{"step": s, "alpha/malignant": value * s / 4000} for s in range(10, 4001, 10)]
+        if method == "synfoc":
+            rows = [{**r, "only_synfoc": 1.0} for r in rows]
+        (run / "history.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    assert main(["--validation", str(tmp_path), "--iters", "4000", "--keys", "alpha/malignant,only_synfoc"]) == 0
+    out = capsys.readouterr().out
+    assert "| 1-400 | 401-1200 | 1201-2400 | 2401-3200 | 3201-4000 |" in out
+    alpha = out.split("### only_synfoc")[0]
+    last = [s for s in range(10, 4001, 10) if s >= 3201]
+    expected = sum(last) / len(last) / 4000
+    assert "| synfoc | 2 |" in alpha and f"{0.5 * expected:.4f} |" in alpha.split("| synfoc | 2 |")[1].splitlines()[0]
+    assert "| base-foundation | 1 |" in alpha
+    only = out.split("### only_synfoc")[1]
+    assert "base-foundation" not in only and only.count("| synfoc |") == 2     # a run without the key: no row
+    assert main(["--validation", str(tmp_path / "none")]) == 2
+
+
 def test_curves_gain_pairs_each_student_with_its_baseline_by_seed_and_domain(tmp_path):
     sys.path.insert(0, str(ROOT / "benchmarks" / "busi"))
     from curves import gain_rows, run_dice

@@ -7,6 +7,12 @@ are phases of the 1,000-iteration schedule, each cell the mean over the 10-itera
 that phase. Also writes every cell to ``curves.csv`` beside the runs.
 
     python benchmarks/busi/curves.py [RESULTS_DIR]
+    python benchmarks/busi/curves.py --validation DIR [--iters 4000] [--keys K1,K2]
+
+``--validation`` reads the runs of ``threshold_validation.py --keep DIR/seed<N>`` instead
+(``DIR/seed<N>/<method>/history.jsonl``, every method there) and prints one table per quantity,
+the phases stretched to ``--iters``; its default quantities include the per-domain ones of a
+two-domain validation split (``--val-other``).
 
 The wall time is the sum of the logged ``time`` increments of each run (seconds of training; where a
 resume restarted the clock, the count restarts from 0), with the threads and commit of each session
@@ -28,6 +34,7 @@ domain, beside the lesion share of its confident pseudo-labels late in the run (
 
 from __future__ import annotations
 
+import argparse
 import csv
 import json
 import sys
@@ -115,8 +122,44 @@ def runs(results: Path) -> list[tuple[str, str, str, Path]]:
     return found
 
 
+VALIDATION_QUANTITIES = ["confident_foreground/benign", "confident_foreground/malignant",
+                         "confident_foreground_recall", "confident_fraction", "alpha/benign", "alpha/malignant",
+                         "pseudo_dice_unet", "pseudo_dice_foundation", "pseudo_dice_ensemble/benign",
+                         "pseudo_dice_ensemble/malignant"]
+
+
+def validation_tables(results: Path, iters: int, keys: list[str]) -> int:
+    """One markdown table per quantity over the kept runs of a validation split (rows: method, seed)."""
+    found = sorted((h.parent.name, h.parent.parent.name.removeprefix("seed"), h)
+                   for h in results.glob("seed*/*/history.jsonl"))
+    if not found:
+        print(f"no seed<N>/<method>/history.jsonl under {results}", file=sys.stderr)
+        return 2
+    phases = [((lo - 1) * iters // 1000 + 1, hi * iters // 1000) for lo, hi in PHASES]
+    for key in keys:
+        rows = [(method, seed, phase_means(history, key, iters)) for method, seed, history in found]
+        lines = [f"| {method} | {seed} | " + " | ".join("-" if m is None else f"{m:.4f}" for m in means) + " |"
+                 for method, seed, means in rows if any(m is not None for m in means)]
+        if lines:
+            print(f"\n### {key} (iterations)\n\n| method | seed | " + " | ".join(f"{lo}-{hi}" for lo, hi in phases)
+                  + " |\n|---|---|" + "---:|" * len(phases))
+            print("\n".join(lines))
+    return 0
+
+
 def main(argv: list[str]) -> int:
-    results = Path(argv[0]) if argv else Path(__file__).resolve().parents[1] / "results" / "busi"
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("results", nargs="?", type=Path,
+                        default=Path(__file__).resolve().parents[1] / "results" / "busi")
+    parser.add_argument("--validation", type=Path, metavar="DIR",
+                        help="tables of the runs kept under DIR/seed<N>/<method>/ by threshold_validation.py")
+    parser.add_argument("--iters", type=int, default=1000, help="the runs' iterations (phases stretched to it)")
+    parser.add_argument("--keys", help=f"comma-separated quantities (--validation; default {','.join(VALIDATION_QUANTITIES)})")
+    args = parser.parse_args(argv)
+    if args.validation is not None:
+        keys = args.keys.split(",") if args.keys else VALIDATION_QUANTITIES
+        return validation_tables(args.validation, args.iters, keys)
+    results = args.results
     if not results.is_dir():
         print(f"no results folder at {results}", file=sys.stderr)
         return 2
