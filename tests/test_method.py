@@ -519,6 +519,51 @@ def test_foundation_output_smaller_than_the_unet_input():
     assert logs["loss_d"].item() == pytest.approx(expected_d.item(), rel=1e-5) and expected_d > 0
 
 
+def _numpy_dice(a: np.ndarray, b: np.ndarray) -> float:
+    """Foreground Dice of two label maps as SMC smooths it (Eqs. 4-5), 1 where both are empty."""
+    inter, total = np.logical_and(a == 1, b == 1).sum(), (a == 1).sum() + (b == 1).sum()
+    return 1.0 if total == 0 else (2 * inter + 1) / (total + 1.001)
+
+
+def test_mean_teacher_logs_its_teachers_pseudo_label_dice_at_the_unet_size():
+    """Base (U-Net / foundation) logs its teacher's pseudo-label Dice against the hidden labels as
+    SynFoC logs its teachers' (mean and per image); a teacher whose output is smaller than the
+    labels is resized bilinearly first. Checked against a Dice written out in numpy."""
+    from synfoc.method.baselines import MeanTeacher
+    torch.manual_seed(0)
+    b, s = 3, 16
+    box = torch.zeros(b, s, s, dtype=torch.bool)
+    box[:, 2:6, 2:6] = True
+    truth = (torch.rand(b, s, s) > 0.6).long()
+    truth[2] = 0                                     # an image without lesion
+    images = {k: torch.rand(b, 1, s, s) for k in ("x", "uw", "us")}
+    label = (torch.rand(b, s, s) > 0.5).long()
+    for kind, stride in (("unet", 1), ("foundation", 2)):
+        student = nn.Conv2d(1, 2, 3, stride=stride, padding=1)
+        teacher = copy.deepcopy(student)
+        with torch.no_grad():
+            teacher.bias.copy_(torch.tensor([0.0, 0.3]))
+        v = Views(x_u=images["x"], y_u=label, uw_u=images["uw"], us_u=images["us"], box_u=box,
+                  unlabeled_truth=truth)
+        if kind == "foundation":
+            v = Views(x_u=v.x_u, y_u=v.y_u, x_f=v.x_u, y_f=v.y_u, uw_f=v.uw_u, us_f=v.us_u, box_f=box,
+                      unlabeled_truth=truth)
+        _, logs = MeanTeacher(kind, student, teacher, 0.95, parts=[(1,)]).step(v, 1, 10)
+        with torch.no_grad():
+            p = torch.softmax(teacher(images["uw"]), 1)
+        p = F.interpolate(p, size=(s, s), mode="bilinear", align_corners=False) if stride > 1 else p
+        labels = p.argmax(1).numpy()
+        expected = [_numpy_dice(labels[i], truth[i].numpy()) for i in range(b)]
+        assert 0 < min(expected[:2]) and max(expected[:2]) < 1   # neither trivially right nor wrong
+        np.testing.assert_allclose(logs[f"pseudo_dice_{kind}@instances"].numpy(), expected, rtol=1e-6)
+        assert logs[f"pseudo_dice_{kind}"].item() == pytest.approx(np.mean(expected))
+    # without parts (a benchmark building the step by hand) there is nothing to compute it with
+    _, logs = MeanTeacher("unet", student, teacher, 0.95).step(
+        Views(x_u=images["x"], y_u=label, uw_u=images["uw"], us_u=images["us"], box_u=box, unlabeled_truth=truth),
+        1, 10)
+    assert "pseudo_dice_unet" not in logs and "confident_foreground_recall" in logs
+
+
 def test_confident_against_truth_counts_the_confident_pixels_by_the_hidden_labels():
     from synfoc.method.synfoc import confident_against_truth
     g = torch.Generator().manual_seed(3)

@@ -16,9 +16,10 @@ import torch
 from torch import nn
 
 from synfoc.augment import intermediate_sample
-from synfoc.method.losses import ce_dice_loss, cross_entropy
+from synfoc.method.losses import ce_dice_loss, cross_entropy, part_dice
 from synfoc.method.norm import batchnorm_per_part, frozen_batchnorm_stats
-from synfoc.method.synfoc import INSTANCES, confident_against_truth, confident_foreground, probs_of, pseudo_label, ramp_weight, resize_labels
+from synfoc.method.synfoc import (INSTANCES, confident_against_truth, confident_foreground, labels_of, probs_of,
+                                  pseudo_label, ramp_weight, resize_labels, resize_probs)
 from synfoc.views import Views
 
 Step = tuple[torch.Tensor, dict[str, torch.Tensor]]
@@ -30,14 +31,16 @@ class SingleModel(nn.Module):
     Subclasses implement :meth:`step` on the views at the student's input size (:meth:`inputs`).
     """
 
-    def __init__(self, kind: str, student: nn.Module, teacher: nn.Module | None, threshold: float = 0.95) -> None:
+    def __init__(self, kind: str, student: nn.Module, teacher: nn.Module | None, threshold: float = 0.95,
+                 parts: list[tuple[int, ...]] | None = None) -> None:
         super().__init__()
         self.kind, self.student, self.teacher, self.threshold = kind, student, teacher, threshold
+        self.parts = parts   # foreground parts for pseudo-label Dice (monitoring), as SynFoC's
 
     @classmethod
     def build(cls, cfg, students: dict[str, nn.Module], teachers: dict[str, nn.Module], parts) -> "SingleModel":
         (kind,) = students
-        return cls(kind, students[kind], teachers.get(kind), cfg.threshold)
+        return cls(kind, students[kind], teachers.get(kind), cfg.threshold, parts)
 
     def inputs(self, v: Views):
         """(labeled image, its label, weak unlabeled, strong unlabeled, box) at the student's input size."""
@@ -108,5 +111,10 @@ class MeanTeacher(SingleModel):
                 "lambda": torch.tensor(lam), "confident_fraction": w.float().mean(),
                 "confident_foreground": fg_batch, "confident_foreground" + INSTANCES: fg_instances}
         if v.unlabeled_truth is not None:  # monitoring only
-            logs.update(confident_against_truth(q, w, v.unlabeled_truth))
+            truth = v.unlabeled_truth
+            logs.update(confident_against_truth(q, w, truth))
+            if self.parts:  # the teacher's pseudo-label Dice, as SynFoC logs its teachers' (at the U-Net size)
+                dice = part_dice(labels_of(resize_probs(p_hat, truth.shape[-1])), truth, self.parts)
+                logs["pseudo_dice_" + self.kind] = dice.mean()
+                logs["pseudo_dice_" + self.kind + INSTANCES] = dice
         return loss, logs
