@@ -52,12 +52,17 @@ def read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
 
 
+def stretched_phases(iters: int) -> list[tuple[int, int]]:
+    """:data:`PHASES` in proportion for a run of ``iters`` iterations (4,000: 1-400, 401-1200, ...)."""
+    return [((lo - 1) * iters // 1000 + 1, hi * iters // 1000) for lo, hi in PHASES]
+
+
 def phase_means(history: Path, key: str, iters: int = 1000) -> list[float | None]:
     """Mean of ``key`` over the log rows whose step falls in each phase (None where absent); for a
     run of ``iters`` iterations the phases are stretched in proportion (4,000: 1-400, 401-1200, ...)."""
     rows = read_jsonl(history)
     out = []
-    for lo, hi in [((lo - 1) * iters // 1000 + 1, hi * iters // 1000) for lo, hi in PHASES]:
+    for lo, hi in stretched_phases(iters):
         values = [r[key] for r in rows if lo <= r.get("step", -1) <= hi and r.get(key) is not None]
         out.append(sum(values) / len(values) if values else None)
     return out
@@ -135,7 +140,7 @@ def validation_tables(results: Path, iters: int, keys: list[str]) -> int:
     if not found:
         print(f"no seed<N>/<method>/history.jsonl under {results}", file=sys.stderr)
         return 2
-    phases = [((lo - 1) * iters // 1000 + 1, hi * iters // 1000) for lo, hi in PHASES]
+    phases = stretched_phases(iters)
     for key in keys:
         rows = [(method, seed, phase_means(history, key, iters)) for method, seed, history in found]
         lines = [f"| {method} | {seed} | " + " | ".join("-" if m is None else f"{m:.4f}" for m in means) + " |"
