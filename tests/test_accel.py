@@ -337,6 +337,45 @@ def test_sam_vit_attention_folded_relative_positions_match_segment_anything():
     torch.testing.assert_close(run(fast)[0], run(plain)[0])
 
 
+def test_vit_features_runs_segment_anythings_encoder_with_a_bf16_residual_stream():
+    """vit_features computes segment_anything's ImageEncoderViT.forward (fp32: float rounding).
+    Under bf16 autocast its residual stream (each block's input) is bf16, where segment_anything's
+    forward lets the fp32 position table promote it to fp32, and its output and LoRA gradients stay
+    as close to fp32 as that forward's."""
+    from synfoc.models.foundation import vit_features
+    encoder = _tiny_sam_vit_encoder()
+    with torch.no_grad():
+        encoder.pos_embed.normal_(std=0.5)  # zeros as built: a dropped table would pass unseen
+    images = torch.randn(2, 3, 64, 64)
+    weights = torch.randn(2, 8, 8, 8)
+    stream = []
+    for block in encoder.blocks:
+        block.register_forward_pre_hook(lambda module, args: stream.append(args[0].dtype))
+
+    def run(forward, bf16):
+        stream.clear()
+        with torch.autocast("cpu", dtype=BF16, enabled=bf16):
+            out = forward(images).float()
+        lora = [p for name, p in encoder.named_parameters() if "lora_" in name]
+        return out.detach(), torch.autograd.grad((out * weights).sum(), lora), list(stream)
+
+    def ours(x):
+        return vit_features(encoder, x)
+
+    ref32, ref_grads32, _ = run(encoder, False)
+    out32, grads32, _ = run(ours, False)
+    torch.testing.assert_close(out32, ref32, rtol=1e-5, atol=1e-5)
+    for g, e in zip(grads32, ref_grads32):
+        torch.testing.assert_close(g, e, rtol=1e-4, atol=1e-6)
+    ref16, ref_grads16, ref_stream = run(encoder, True)
+    out16, grads16, our_stream = run(ours, True)
+    assert ref_stream == [torch.float32] * 2 and our_stream == [BF16] * 2
+    assert (out16 - ref32).abs().mean() <= 2 * (ref16 - ref32).abs().mean() + 1e-3 * ref32.abs().mean()
+    for g16, r16, e in zip(grads16, ref_grads16, ref_grads32):
+        reference_cos = F.cosine_similarity(r16.flatten().float(), e.flatten(), dim=0)
+        assert F.cosine_similarity(g16.flatten().float(), e.flatten(), dim=0) >= reference_cos - 0.02
+
+
 def test_folded_conv_bn_matches_convolution_then_batchnorm(lite_plain):
     """Eval mode: the BatchNorm folded into the convolution, values and input gradients, including
     the strided depthwise convolution whose bf16 input gradient is computed in fp32; train mode:

@@ -173,7 +173,10 @@ def vit_features(encoder: ImageEncoderViT, images: torch.Tensor, checkpoint_bloc
     """SAM ViT image embedding ``(B, 256, S/16, S/16)`` (``ImageEncoderViT.forward`` with checkpointing)."""
     x = encoder.patch_embed(images)
     if encoder.pos_embed is not None:
-        x = x + encoder.pos_embed
+        # in the patch embedding's dtype: under bf16 autocast the residual stream then stays bf16,
+        # where the fp32 table would promote it, and with it every add, LayerNorm, window copy and
+        # cast before each linear layer, to fp32 (no-op in fp32)
+        x = x + encoder.pos_embed.to(x.dtype)
     for block in encoder.blocks:
         x = _run_block(block, x, checkpoint_blocks)
     return encoder.neck(x.permute(0, 3, 1, 2))
