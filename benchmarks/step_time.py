@@ -45,6 +45,7 @@ import json
 import os
 import resource
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -470,6 +471,10 @@ class Child:
             if line.startswith("@@"):
                 return line[2:].strip()
         code = self.proc.wait()
+        if code == -signal.SIGKILL:  # what the kernel's out-of-memory killer sends
+            raise SystemExit(f"{self.mode} mode was killed (SIGKILL), most likely out of memory: the modes' "
+                             "children run side by side, each with its own models and activations; compare "
+                             "fewer modes at once, or a configuration that fits twice (--grad-checkpointing)")
         raise SystemExit(f"{self.mode} mode failed (exit {code}); its error is above")
 
     def ask(self, command: str) -> str:

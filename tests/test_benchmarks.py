@@ -363,3 +363,19 @@ def test_pseudo_label_oracle_swaps_the_mean_teachers_targets():
         assert torch.allclose(logs["loss_u"], want, atol=1e-5), variant
         losses[variant] = float(logs["loss_u"])
     assert len({round(x, 5) for x in losses.values()}) == 4   # every variant trains on other targets
+
+
+@pytest.mark.parametrize(("script", "message"), [
+    ("import os, signal; os.kill(os.getpid(), signal.SIGKILL)", "killed \\(SIGKILL\\), most likely out of memory"),
+    ("raise SystemExit(3)", "failed \\(exit 3\\); its error is above"),
+])
+def test_step_time_names_a_child_killed_for_memory(script, message):
+    """A mode's child that dies says how: killed (what the out-of-memory killer does to the two
+    side-by-side children of a large configuration) or its own exit status."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import step_time
+    child = step_time.Child.__new__(step_time.Child)
+    child.mode = "against"
+    child.proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    with pytest.raises(SystemExit, match=message):
+        child.answer()
