@@ -379,3 +379,25 @@ def test_step_time_names_a_child_killed_for_memory(script, message):
     child.proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
     with pytest.raises(SystemExit, match=message):
         child.answer()
+
+
+def test_threshold_validation_runs_the_consistency_ablation_under_its_own_name(monkeypatch):
+    """``--consistency none`` reaches the trained configuration, and the run is named
+    synfoc-consistency-none, so that no table pools the ablation with SynFoC itself; it is refused
+    for any other method."""
+    sys.path.insert(0, str(ROOT / "benchmarks" / "busi"))
+    import threshold_validation as tv
+    import synfoc.data.source
+    monkeypatch.setattr(synfoc.data.source, "open_index", lambda cfg: None)
+    monkeypatch.setattr(tv, "validation_index", lambda *args: None)
+    monkeypatch.setattr(tv, "train_on", lambda cfg, out, carved: (cfg, out))
+    args = tv.argparse.Namespace(dataset="busi", labeled_domain="benign", labeled_num=64, val_num=64, val_other=0,
+                                 iters=2, precision="fp32", seed=1)
+    cfg, _ = tv.protocol_run(args, ROOT / "unused", method="synfoc", threshold=0.95, unet_width=16, consistency="none")
+    assert (cfg.method, cfg.consistency) == ("synfoc", "none")
+    cfg, _ = tv.protocol_run(args, ROOT / "unused", method="synfoc", threshold=0.95, unet_width=16)
+    assert cfg.consistency == "cdcr"
+    assert tv.run_label("synfoc", "none") == "synfoc-consistency-none" and tv.run_label("synfoc") == "synfoc"
+    refused = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "busi" / "threshold_validation.py"),
+                              "--consistency", "none", "--methods", "synfoc,samed"], capture_output=True, text=True)
+    assert refused.returncode == 2 and "ablation of SynFoC alone" in refused.stderr

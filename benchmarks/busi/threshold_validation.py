@@ -45,6 +45,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 from input_size import train_on, validation_index  # noqa: E402
 from machine import append_csv, run_metadata  # noqa: E402
+from synfoc.method.registry import CONSISTENCIES  # noqa: E402
 
 CSV = HERE.parent / "results" / "busi" / "threshold_validation.csv"
 CSV_COLUMNS = ("commit", "torch", "device", "threads", "method", "student", "threshold", "domain", "labeled",
@@ -157,6 +158,13 @@ def protocol_run(args: argparse.Namespace, out: Path, **settings) -> tuple[dict,
     return train_on(cfg, out, carved)
 
 
+def run_label(method: str, consistency: str = "cdcr") -> str:
+    """The name a run goes by in its folder and in the CSV: the method, and an ablated consistency
+    regulariser after it (``synfoc-consistency-none``), so that tables never pool an ablation with the
+    method."""
+    return method if consistency == "cdcr" else f"{method}-consistency-{consistency}"
+
+
 def validation_scores(student_result: dict, labeled_domain: str) -> dict:
     """A student's CSV scores from its summary: the labeled domain's validation Dice (%) and HD95,
     and the mean Dice (%) over the other validated domains (empty when there are none)."""
@@ -175,6 +183,9 @@ def main() -> None:
     ap.add_argument("--iters", type=int, default=PROTOCOL["iters"])
     ap.add_argument("--unet-width", type=int, default=PROTOCOL["unet_width"],
                     help="the U-Net's base width (the protocol's 16; the paper's 64)")
+    ap.add_argument("--consistency", default="cdcr", choices=tuple(CONSISTENCIES),
+                    help="SynFoC's consistency regulariser; cr and none are Table 7's ablations, recorded as "
+                         "the method synfoc-consistency-<name> (folder and CSV)")
     ap.add_argument("--seed", type=int, default=1337)
     ap.add_argument("--precision", default="auto", choices=("auto", "bf16", "fp32"),
                     help="auto picks bf16 on CPUs with bf16 arithmetic; fp32 keeps runs comparable with "
@@ -203,17 +214,23 @@ def main() -> None:
     thresholds = [float(t) for t in args.thresholds.split(",")]
     if args.keep and len(thresholds) > 1:
         ap.error(f"--keep takes the runs of one threshold, got --thresholds {args.thresholds}")
+    methods = args.methods.split(",")
+    if args.consistency != "cdcr" and methods != ["synfoc"]:
+        ap.error(f"--consistency {args.consistency} is an ablation of SynFoC alone; got --methods {args.methods}")
     rows = []
-    for method in args.methods.split(","):
+    for method in methods:
+        label = run_label(method, args.consistency)
+        ablation = {"consistency": args.consistency} if args.consistency != "cdcr" else {}
         for threshold in thresholds:
-            out = Path(args.out) / method / f"t{threshold:g}"
+            out = Path(args.out) / label / f"t{threshold:g}"
             start = time.time()
-            summary, trained = protocol_run(args, out, method=method, threshold=threshold, unet_width=args.unet_width)
+            summary, trained = protocol_run(args, out, method=method, threshold=threshold, unet_width=args.unet_width,
+                                            **ablation)
             seconds = time.time() - start
             if args.keep:
-                keep_run(out, Path(args.keep) / method)
+                keep_run(out, Path(args.keep) / label)
             for student, result in summary["students"].items():
-                rows.append({**run_metadata(HERE.parent.parent), "method": method, "student": student,
+                rows.append({**run_metadata(HERE.parent.parent), "method": label, "student": student,
                              "threshold": threshold, "domain": args.labeled_domain, "labeled": args.labeled_num,
                              "validation": args.val_num, "validation_other": args.val_other, "seed": args.seed,
                              "iters": args.iters, "unet_width": args.unet_width,
