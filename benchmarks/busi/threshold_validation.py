@@ -14,7 +14,9 @@ one with the highest validation Dice averaged over the methods' students.
 
 The same split checks a longer schedule (``--iters 2000``), the paper's U-Net width instead of the
 protocol's (``--unet-width 64``), each with another ``--out``, and methods without a threshold
-(``suponly-unet``: its rows carry the threshold it ignores).
+(``suponly-unet``: its rows carry the threshold it ignores), and SynFoC without CDCR
+(``--consistency none`` or ``cr``, Table 7's ablations; the run and its rows are named
+``synfoc-consistency-<name>``, the method's name below).
 
 Runs go to ``--out/<method>/t<threshold>/`` and resume where they stopped; ``--keep DIR`` copies
 each finished run's small files (``KEPT_FILES``) to ``DIR/<method>/``, inside the repository, so a

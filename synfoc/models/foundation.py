@@ -170,7 +170,8 @@ def _run_block(block: nn.Module, x: torch.Tensor, checkpoint_blocks: bool) -> to
 
 
 def vit_features(encoder: ImageEncoderViT, images: torch.Tensor, checkpoint_blocks: bool = False) -> torch.Tensor:
-    """SAM ViT image embedding ``(B, 256, S/16, S/16)`` (``ImageEncoderViT.forward`` with checkpointing)."""
+    """SAM ViT image embedding ``(B, 256, S/16, S/16)``: ``ImageEncoderViT.forward`` with checkpointing,
+    and the residual stream in the autocast dtype."""
     x = encoder.patch_embed(images)
     if encoder.pos_embed is not None:
         # in the patch embedding's dtype: under bf16 autocast the residual stream then stays bf16,
