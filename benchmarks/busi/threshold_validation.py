@@ -238,7 +238,7 @@ def main() -> None:
                              "iters": args.iters, "unet_width": args.unet_width,
                              **validation_scores(result, args.labeled_domain), "train_s": round(seconds, 1)})
                 other = f", other domains {rows[-1]['val_dice_other']:.2f}" if args.val_other else ""
-                print(f"{method} {student} threshold {threshold:g}: validation Dice {rows[-1]['val_dice']:.2f}{other}",
+                print(f"{label} {student} threshold {threshold:g}: validation Dice {rows[-1]['val_dice']:.2f}{other}",
                       flush=True)
                 if trained:
                     append_csv(Path(args.csv), CSV_COLUMNS, [rows[-1]])
