@@ -222,12 +222,11 @@ def main() -> None:
     rows = []
     for method in methods:
         label = run_label(method, args.consistency)
-        ablation = {"consistency": args.consistency} if args.consistency != "cdcr" else {}
         for threshold in thresholds:
             out = Path(args.out) / label / f"t{threshold:g}"
             start = time.time()
             summary, trained = protocol_run(args, out, method=method, threshold=threshold, unet_width=args.unet_width,
-                                            **ablation)
+                                            consistency=args.consistency)
             seconds = time.time() - start
             if args.keep:
                 keep_run(out, Path(args.keep) / label)
