@@ -634,12 +634,11 @@ def table(summary: dict, args) -> str:
                  f"{summary['batch'][1]}, {summary['iters']} timed iterations, {summary['threads']} threads, "
                  f"{summary.get('device_model', summary['device'])}, torch {summary.get('torch', '?')}, "
                  f"load average {load}")
-    if args.compile:  # torch.compile's cost is paid in the first iterations
-        for mode in MODES:
-            warm = summary.get(f"{mode}_warmup_times")
-            if warm:
-                lines.append(f"{mode_label(mode, summary, args)}: {len(warm)} warm-up iteration(s) took "
-                             f"{sum(warm):.1f} s ({', '.join(f'{w:.1f}' for w in warm)}), compilation included")
+    for mode in MODES:  # torch.compile's cost (--compile, synfoc.accel's compiled blocks) is paid here
+        warm = summary.get(f"{mode}_warmup_times")
+        if warm:
+            lines.append(f"{mode_label(mode, summary, args)}: {len(warm)} warm-up iteration(s) took "
+                         f"{sum(warm):.1f} s ({', '.join(f'{w:.1f}' for w in warm)}), compilation (where any) included")
     if "accel_speedup" in summary:
         lines.append(f"speed-up of synfoc.accel ({summary['accel_kernels']}) over the plain models: "
                      f"{summary['accel_speedup']:.2f}x (ratio of medians); {summary['accel_paired_speedup']:.2f}x "

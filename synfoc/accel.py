@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import functools
 import os
+import warnings
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
@@ -147,6 +148,58 @@ class SamViTAttention(nn.Module):
 
 def _sam_vit_attention(m: nn.Module) -> type | None:
     return _subclass(SamViTAttention, type(m)) if _is_vendored(m, "Attention", "image_encoder") else None
+
+
+# ----------------------------------------------------------------------------- SAM ViT blocks, compiled
+class CompiledSamViTBlock(nn.Module):
+    """segment_anything's ViT encoder block (LayerNorms, attention, MLP, residual adds, window
+    partitions) compiled by inductor while it trains under CPU bf16 autocast. With AMX's matmuls,
+    the block's element-wise passes (LayerNorm, GELU, residual adds, the window copies and casts),
+    one memory pass each in eager mode, cost as much as its matmuls forward and backward; inductor
+    fuses them. Without a gradient (the EMA teacher, evaluation), in fp32 or on CUDA it is the plain
+    block. It compiles once per block kind (windowed, global) and input kind on the first iteration;
+    where inductor fails to compile, it warns once and runs the plain blocks from then on."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        plain = super().forward
+        if (_COMPILE_FAILED or x.device.type != "cpu" or autocast_dtype(x) != torch.bfloat16
+                or not _wants_grad(self, x)):
+            return plain(x)
+        try:
+            return _compiled(plain.__func__)(self, x)
+        except torch._dynamo.exc.BackendCompilerFailed as error:
+            _COMPILE_FAILED.append(error)
+            cause = " ".join(str(error).split())
+            warnings.warn(f"synfoc.accel: inductor could not compile SAM ViT's encoder blocks ({cause}); "
+                          "they run uncompiled", RuntimeWarning, stacklevel=2)
+            return plain(x)
+
+
+_COMPILE_FAILED: list[Exception] = []
+
+
+@functools.cache
+def _compiled(forward: Callable) -> Callable:
+    return torch.compile(forward)
+
+
+@functools.cache
+def _inductor_compiles() -> bool:
+    """inductor finds the C++ compiler it writes CPU kernels for."""
+    try:
+        from torch._inductor.cpp_builder import get_cpp_compiler
+        get_cpp_compiler()
+    except (ImportError, OSError, RuntimeError):
+        return False
+    return True
+
+
+def _amx_inductor() -> bool:
+    return cpu.cpu_has_amx() and cpu.onednn_bf16() and _inductor_compiles()
+
+
+def _sam_vit_block(m: nn.Module) -> type | None:
+    return _subclass(CompiledSamViTBlock, type(m)) if _is_vendored(m, "Block", "image_encoder") else None
 
 
 # ----------------------------------------------------------------------------- TinyViT Conv2d_BN
@@ -275,6 +328,9 @@ KERNELS: dict[str, Kernel] = {k.name: k for k in (
            _onednn_fp32, _tinyvit_attention),
     Kernel("sam_vit_attention", "SAM ViT's Attention with relative positions (ViT-B encoders)", X86,
            _onednn_fp32, _sam_vit_attention),
+    Kernel("compiled_sam_vit_blocks", "SAM ViT's encoder Block, while it trains under bf16 autocast",
+           "AMX-BF16 and a C++ compiler for torch.compile's inductor (measured there only)",
+           _amx_inductor, _sam_vit_block),
     Kernel("folded_conv_bn", "TinyViT's Conv2d_BN (eval mode)", ONEDNN,
            _onednn_fp32, _conv2d_bn),
     Kernel("tinyvit_fused_convs", "TinyViT's PatchEmbed, MBConv, PatchMerging without gradient",

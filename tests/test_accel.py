@@ -123,14 +123,20 @@ def test_accelerate_is_a_no_op_without_the_cpu_features(monkeypatch):
 
 
 def test_kernels_are_chosen_by_cpu_feature(monkeypatch):
-    """An x86-64 CPU (oneDNN), with bf16 arithmetic or without (AVX2): every kernel, each of which
-    pays in fp32 too (a fused convolution without oneDNN's bf16 kernels falls back at call time);
-    without oneDNN (ARM): none; CUDA: none."""
+    """An x86-64 CPU (oneDNN), with bf16 arithmetic or without (AVX2): every kernel that pays in fp32
+    too (a fused convolution without oneDNN's bf16 kernels falls back at call time); the compiled SAM
+    ViT blocks only with AMX and a C++ compiler; without oneDNN (ARM): none; CUDA: none."""
     monkeypatch.delenv("SYNFOC_NO_ACCEL", raising=False)
     monkeypatch.setattr(cpu, "onednn_kernels", lambda dtype: dtype == torch.float32)
-    for bf16 in (False, True):
+    monkeypatch.setattr(accel, "_inductor_compiles", lambda: True)
+    every_cpu = [name for name in accel.KERNELS if name != "compiled_sam_vit_blocks"]
+    for bf16, amx in ((False, False), (True, False), (True, True)):
         monkeypatch.setattr(cpu, "cpu_has_bf16", lambda: bf16)
-        assert accel.available_kernels("cpu") == list(accel.KERNELS)
+        monkeypatch.setattr(cpu, "onednn_bf16", lambda: bf16)
+        monkeypatch.setattr(cpu, "cpu_has_amx", lambda: amx)
+        assert accel.available_kernels("cpu") == (list(accel.KERNELS) if amx else every_cpu)
+    monkeypatch.setattr(accel, "_inductor_compiles", lambda: False)  # AMX, but no C++ compiler
+    assert accel.available_kernels("cpu") == every_cpu
     monkeypatch.setattr(cpu, "onednn_kernels", lambda dtype: False)
     assert accel.available_kernels("cpu") == []
     assert accel.available_kernels("cuda") == [] and accel.available_kernels(torch.device("cuda", 0)) == []
@@ -374,6 +380,88 @@ def test_vit_features_runs_segment_anythings_encoder_with_a_bf16_residual_stream
     for g16, r16, e in zip(grads16, ref_grads16, ref_grads32):
         reference_cos = F.cosine_similarity(r16.flatten().float(), e.flatten(), dim=0)
         assert F.cosine_similarity(g16.flatten().float(), e.flatten(), dim=0) >= reference_cos - 0.02
+
+
+needs_inductor = pytest.mark.skipif(
+    not accel._inductor_compiles(),
+    reason="compiled_sam_vit_blocks needs a C++ compiler for torch.compile's inductor; none found here")
+
+
+def _counting_compiled(monkeypatch) -> list:
+    """Make accel._compiled record each call (what the compiled path runs) and return the record."""
+    calls, compiled = [], accel._compiled
+
+    def counted(forward):
+        calls.append(forward)
+        return compiled(forward)
+
+    monkeypatch.setattr(accel, "_compiled", counted)
+    monkeypatch.setattr(accel, "_COMPILE_FAILED", [])
+    return calls
+
+
+@needs_inductor
+def test_compiled_sam_vit_blocks_train_with_the_plain_blocks_values_and_gradients(monkeypatch):
+    """Under bf16 autocast with a gradient the compiled blocks run (windowed and global) and give
+    the plain blocks' output and gradients of the image and the LoRA factors within bf16 rounding of
+    fp32, with and without checkpointing; without a gradient, and in fp32, they are the plain blocks
+    (no compiled call, the same numbers)."""
+    from synfoc.models.foundation import vit_features
+    calls = _counting_compiled(monkeypatch)
+    plain = _accelerated(_tiny_sam_vit_encoder(), "sam_vit_attention")
+    fast = accel.accelerate(copy.deepcopy(plain), "cpu", ["compiled_sam_vit_blocks"])
+    assert [type(b).__name__ for b in fast.blocks] == ["CompiledSamViTBlock"] * 2
+    images = torch.randn(2, 3, 64, 64)
+    weights = torch.randn(2, 8, 8, 8)
+
+    def run(model, bf16, checkpoint=False):
+        x = images.clone().requires_grad_()
+        with torch.autocast("cpu", dtype=BF16, enabled=bf16):
+            out = vit_features(model, x, checkpoint_blocks=checkpoint).float()
+        lora = [p for name, p in model.named_parameters() if "lora_" in name]
+        return out.detach(), torch.autograd.grad((out * weights).sum(), [x, *lora])
+
+    out32, grads32 = run(plain, False)
+    fast32, fast_grads32 = run(fast, False)
+    assert not calls
+    torch.testing.assert_close(fast32, out32, rtol=0, atol=0)
+    out16, grads16 = run(plain, True)
+    for checkpoint in (False, True):
+        calls.clear()
+        fast16, fast_grads16 = run(fast, True, checkpoint)
+        assert len(calls) >= 2, calls  # each block went through the compiled forward
+        assert (fast16 - out32).abs().mean() <= 2 * (out16 - out32).abs().mean() + 1e-3 * out32.abs().mean()
+        for g16, f16, e in zip(grads16, fast_grads16, grads32):
+            plain_cos = F.cosine_similarity(g16.flatten().float(), e.flatten(), dim=0)
+            assert F.cosine_similarity(f16.flatten().float(), e.flatten(), dim=0) >= plain_cos - 0.02
+    calls.clear()
+    with torch.no_grad(), torch.autocast("cpu", dtype=BF16):
+        torch.testing.assert_close(vit_features(fast, images), vit_features(plain, images), rtol=0, atol=0)
+    assert not calls
+
+
+def test_compiled_sam_vit_blocks_fall_back_to_the_plain_blocks_where_inductor_fails(monkeypatch):
+    """A compiler failure warns once, naming the cause, and the blocks run uncompiled from then on."""
+    from torch._dynamo.exc import BackendCompilerFailed
+    tried = []
+
+    def broken(forward):
+        def fail(*args):
+            tried.append(forward)
+            raise BackendCompilerFailed("inductor", RuntimeError("no C++ compiler"), None)
+        return fail
+
+    monkeypatch.setattr(accel, "_compiled", broken)
+    monkeypatch.setattr(accel, "_COMPILE_FAILED", [])
+    plain = _tiny_sam_vit_encoder()
+    fast = accel.accelerate(copy.deepcopy(plain), "cpu", ["compiled_sam_vit_blocks"])
+    images = torch.randn(2, 3, 64, 64)
+    with torch.autocast("cpu", dtype=BF16):
+        with pytest.warns(RuntimeWarning, match=r"no C\+\+ compiler"):
+            out = fast(images)
+        expected = plain(images)
+    torch.testing.assert_close(out, expected, rtol=0, atol=0)
+    assert len(tried) == 1
 
 
 def test_folded_conv_bn_matches_convolution_then_batchnorm(lite_plain):
