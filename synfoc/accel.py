@@ -8,7 +8,8 @@ so state dicts and weight files do not change, and a teacher copied from an acce
 accelerated too.
 
 Each kernel was kept for a whole-step gain on x86-64 CPUs, with bf16 arithmetic (bf16 autocast) and
-without (AVX2, fp32) alike (``sam_vit_attention`` gains with bf16 and is level in AVX2 fp32).
+without (AVX2, fp32) alike (``sam_vit_attention`` gains with bf16 and is level in AVX2 fp32), except
+``compiled_sam_vit_blocks``, which was measured to pay on AMX CPUs only and is applied only there.
 :func:`accelerate` applies the entries this machine has (:func:`available_kernels`, asked of
 :mod:`synfoc.cpu`); on CUDA, or on a CPU without what an entry needs (oneDNN, which PyTorch has on
 x86-64 only), it leaves the model alone. A swapped module still
@@ -38,7 +39,7 @@ from torch import nn
 
 from synfoc import cpu
 
-__all__ = ["KERNELS", "Kernel", "accelerate", "available_kernels"]
+__all__ = ["KERNELS", "CompiledSamViTBlock", "Kernel", "accelerate", "available_kernels"]
 
 
 def autocast_dtype(x: torch.Tensor) -> torch.dtype:
@@ -169,7 +170,8 @@ class CompiledSamViTBlock(nn.Module):
             return _compiled(plain.__func__)(self, x)
         except torch._dynamo.exc.BackendCompilerFailed as error:
             _COMPILE_FAILED.append(error)
-            cause = " ".join(str(error).split())
+            inner = getattr(error, "inner_exception", None) or error
+            cause = f"{type(inner).__name__}: {(str(inner).strip().splitlines() or [''])[0]}"
             warnings.warn(f"synfoc.accel: inductor could not compile SAM ViT's encoder blocks ({cause}); "
                           "they run uncompiled", RuntimeWarning, stacklevel=2)
             return plain(x)

@@ -29,7 +29,7 @@ import torch.distributed as dist
 import yaml
 from torch import nn
 
-from synfoc.accel import accelerate
+from synfoc.accel import CompiledSamViTBlock, accelerate
 from synfoc.augment import AugmentConfig
 from synfoc.build import build_method, build_students, make_optimizers, parameter_summary, with_image_size
 from synfoc.checkpoint import (CHECKPOINT, atomic_save, check_same_split, load_checkpoint, save_domain_statistics,
@@ -194,6 +194,9 @@ def train(cfg: TrainConfig, out: Path, resume: bool = False, progress: bool = Tr
         f"{', freed memory kept for reuse' if rt.keeps_freed_memory else ''}"
         f"{', ' + str(rt.world) + ' processes' if rt.world > 1 else ''})")
     say(parameter_summary(models))
+    if any(isinstance(m, CompiledSamViTBlock) for model in models.values() for m in model.modules()):
+        say("the SAM ViT encoder blocks train compiled (torch.compile, on this AMX CPU): "
+            "the first iteration compiles them, which takes a minute or two")
 
     labeled = load_arrays(index, labeled_cases, list(sizes.values()), progress and rt.master)
     unlabeled = load_arrays(index, unlabeled_cases, list(sizes.values()), progress and rt.master)
