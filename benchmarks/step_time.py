@@ -9,13 +9,19 @@
 ``fast-no-accel`` (with ``--with-no-accel``) the fast iteration with the plain models, without
               :func:`synfoc.accel.accelerate`, which ``synfoc train`` applies: what the kernels it
               swaps in are worth to a whole step (``--accel-kernels`` limits the fast mode to some).
+``fast-kernel-off`` (with ``--with-kernel-off NAME``) the fast iteration with every kernel of
+              :mod:`synfoc.accel` this device gets except NAME: what that one kernel is worth.
 ``fast-system-malloc`` (with ``--with-system-malloc``) the fast iteration with glibc's default
               allocator (``SYNFOC_SYSTEM_MALLOC=1``): what :func:`synfoc.runtime.keep_freed_memory`,
               which ``synfoc train`` applies on the CPU, is worth on its own.
 
 Each mode runs in its own child process, so its peak memory is its own: CUDA
 ``max_memory_allocated``, or on the CPU the peak resident set size (``getrusage``, whole process:
-interpreter, models and activations). All children are built first, then asked for one iteration
+interpreter, models and activations). With ``--one-process`` the fast mode and the
+``--with-no-accel`` / ``--with-kernel-off`` modes (same code, same process settings) share one
+child instead: one step's activations are alive at a time, so a configuration that fits in memory
+once can be compared (the paper configuration's two children do not fit in 24 GB), and the peak
+memory is the pair's. All children are built first, then asked for one iteration
 at a time in alternation (fast, against, fast, ...), so a machine whose speed drifts (a shared
 host) slows every mode alike. The time is the median of ``--iters`` iterations after ``--warmup``
 ones, with their min..max and interquartile range.
@@ -31,6 +37,7 @@ per kind of operator (matmul, convolution, other), each kind's share of the matm
     python benchmarks/step_time.py --config reduced --against 7a99b5b --iters 10
     python benchmarks/step_time.py --config reduced --with-no-accel --iters 10
     python benchmarks/step_time.py --config paper --grad-checkpointing --iters 2 --warmup 1 --json
+    python benchmarks/step_time.py --config paper --with-kernel-off compiled_sam_vit_blocks --one-process --iters 8
 
 ``--config`` picks a standard configuration (:data:`CONFIGS`); explicit options override its
 values. ViT models without ``--checkpoint`` get random weights (same shapes and cost as MedSAM's).
@@ -39,6 +46,7 @@ values. ViT models without ``--checkpoint`` get random weights (same shapes and 
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
 import datetime
 import json
@@ -73,7 +81,7 @@ if not Path(synfoc.__file__).resolve().is_relative_to(CODE_ROOT):
 sys.path.insert(1, str(Path(__file__).resolve().parent))
 from machine import append_csv, device_description, git_describe, matmul_peak  # noqa: E402
 
-MODES = ("fast", "against", "fast-system-malloc", "fast-no-accel")
+MODES = ("fast", "against", "fast-system-malloc", "fast-no-accel", "fast-kernel-off")
 
 # The standard configurations: the demo preset (synfoc/presets/demo.yaml), the reduced BUSI
 # protocol, and the paper's BUSI configuration (MedSAM ViT-B at 512, U-Net width 64 at 256, 4+4).
@@ -135,19 +143,23 @@ def build_students(args, device: torch.device):
     return unet.to(device), foundation.to(device)
 
 
-def accelerate_students(students: dict, device: torch.device, args) -> None:
+def accelerate_students(students: dict, device: torch.device, args) -> list[str]:
     """synfoc.accel's kernels swapped into the students, as ``synfoc train`` does (``--no-accel``:
-    the plain models; ``--accel-kernels``: only those). A commit from before synfoc.accel
+    the plain models; ``--accel-kernels``: only those; the fast-kernel-off mode: all but
+    ``--with-kernel-off``). A commit from before synfoc.accel
     (``--against``) has its kernels built into the models."""
     if not args.accel:
-        return
+        return []
     try:
-        from synfoc.accel import accelerate
+        from synfoc.accel import accelerate, available_kernels
     except ImportError:
-        return
-    kernels = args.accel_kernels.split(",") if args.accel_kernels else None
+        return ["(built into the models)"]
+    kernels = args.accel_kernels.split(",") if args.accel_kernels else available_kernels(device)
+    if getattr(args, "drop_kernel", None):  # the fast-kernel-off mode: all the others
+        kernels = [k for k in kernels if k != args.drop_kernel]
     for m in students.values():
         accelerate(m, device, kernels)
+    return kernels
 
 
 def peak_memory_mb(device: torch.device) -> float:
@@ -183,7 +195,7 @@ class FastStep:
         unet, foundation = build_students(args, self.rt.device)
         # the training loop's layout: channels_last under bf16 autocast
         self.students = fast_layout({"unet": unet, "foundation": foundation}, self.rt)
-        accelerate_students(self.students, self.rt.device, args)  # before the teachers copy them
+        self.kernels = accelerate_students(self.students, self.rt.device, args)  # before the teachers copy them
         self.teachers = {k: make_teacher(m) for k, m in self.students.items()}
         for m in self.students.values():
             m.train()
@@ -332,40 +344,48 @@ def spread(times: list[float]) -> dict:
     return {"s_per_iter": statistics.median(times), "s_min": min(times), "s_max": max(times), "s_iqr": q3 - q1}
 
 
-def serve(args, mode: str) -> None:
-    """A child process: build one mode, then run iterations when the parent asks, one per line on
-    stdin ("step T TOTAL TIMED" -> the seconds it took; "finish TOTAL" -> the JSON result).
-    Answers start with ``@@`` so that anything else a library prints is ignored."""
+def serve(args, modes: list[str]) -> None:
+    """A child process: build its modes (one, or several with ``--one-process``), then run
+    iterations when the parent asks, one per line on stdin ("step MODE T TOTAL TIMED" -> the seconds
+    it took; "finish MODE TOTAL" -> that mode's JSON result). Answers start with ``@@`` so that
+    anything else a library prints is ignored."""
     if args.threads:
         torch.set_num_threads(args.threads)
-    if mode == "fast-system-malloc":  # the fast step with glibc's default allocator (no keep_freed_memory)
+    if "fast-system-malloc" in modes:  # the fast step with glibc's default allocator (no keep_freed_memory)
         os.environ["SYNFOC_SYSTEM_MALLOC"] = "1"
-    if mode == "fast-no-accel":
-        args.accel = False
-    runner = FastStep(args, args.trace)
-    device = runner.device
+    runners, times, warmup = {}, {}, {}
+    for mode in modes:
+        margs = copy.copy(args)
+        margs.accel = args.accel and mode != "fast-no-accel"
+        margs.drop_kernel = args.with_kernel_off if mode == "fast-kernel-off" else None
+        runners[mode], times[mode], warmup[mode] = FastStep(margs, args.trace), [], []
+    device = next(iter(runners.values())).device
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     print("@@ready", flush=True)
-    times, warmup = [], []
+    peak = None
     for line in sys.stdin:
-        command, *values = line.split()
+        command, mode, *values = line.split()
+        runner = runners[mode]
         if command == "step":
             t, total, timed = (int(v) for v in values)
             start = time.perf_counter()
             runner.step(t, total)
             sync(device)
             elapsed = time.perf_counter() - start
-            (times if timed else warmup).append(elapsed)
+            (times[mode] if timed else warmup[mode]).append(elapsed)
             print(f"@@{elapsed}", flush=True)
         elif command == "finish":
             total = int(values[0])
             bf16 = runner.rt.dtype is not None
             # before the FLOP count and the matmul, which add nothing the training loop would hold
             result = {"mode": mode, "device": device_name(device), "device_model": device_description(device),
-                      **spread(times), "times": times, "warmup_times": warmup, "peak_mb": peak_memory_mb(device),
-                      "peak_memory_kind": "cuda max_memory_allocated" if device.type == "cuda" else "cpu peak RSS",
+                      **spread(times[mode]), "times": times[mode], "warmup_times": warmup[mode],
+                      "peak_mb": peak_memory_mb(device),
+                      "peak_memory_kind": ("cuda max_memory_allocated" if device.type == "cuda" else "cpu peak RSS")
+                      + (f" of one process running {', '.join(modes)}" if len(modes) > 1 else ""),
                       "precision": "bf16" if bf16 else "fp32", "threads": torch.get_num_threads(),
+                      "accel_kernels": runner.kernels,
                       "torch": torch.__version__, "synfoc_file": str(Path(synfoc.__file__).resolve())}
             if runner.trace is not None:
                 result["trace"] = list(runner.trace)  # not the FLOP-counting iteration's
@@ -377,13 +397,15 @@ def serve(args, mode: str) -> None:
             if args.peak_tflops:
                 result["peak_tflops"], result["peak_source"] = args.peak_tflops, "--peak-tflops"
             else:
-                peak = matmul_peak(device, torch.bfloat16 if bf16 else torch.float32, args.matmul_size)
+                peak = peak or matmul_peak(device, torch.bfloat16 if bf16 else torch.float32, args.matmul_size)
                 result["peak_tflops"] = peak["tflops"]
                 result["peak_source"] = f"matmul {peak['n']}^3 {peak['dtype']}, median of {peak['repeats']}"
             if "tflops_per_s" in result:
                 result["mfu"] = result["tflops_per_s"] / result["peak_tflops"]
             print("@@" + json.dumps(result), flush=True)
-            return
+            runners.pop(mode)
+            if not runners:
+                return
 
 
 def device_name(device: torch.device) -> str:
@@ -409,8 +431,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--num-classes", type=int, default=1, choices=[1, 2])
     p.add_argument("--batch-labeled", type=int, default=2)
     p.add_argument("--batch-unlabeled", type=int, default=2)
-    p.add_argument("--mode", choices=list(MODES), default="fast",
-                   help=argparse.SUPPRESS)  # a child's; --against and the --with-* options add the others
+    p.add_argument("--mode", default="fast",
+                   help=argparse.SUPPRESS)  # a child's, comma-separated; --against and the --with-* options add the others
     p.add_argument("--against", metavar="REV",
                    help="also time the fast iteration of commit REV of this repository (a git worktree), in alternation")
     p.add_argument("--with-system-malloc", action="store_true",
@@ -421,6 +443,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="only these kernels of synfoc.accel.KERNELS (comma-separated), whatever the device")
     p.add_argument("--with-no-accel", action="store_true",
                    help="also time the fast step with the plain models (no synfoc.accel), in alternation")
+    p.add_argument("--with-kernel-off", metavar="NAME",
+                   help="also time the fast step without synfoc.accel kernel NAME (the others as this "
+                        "device gets them), in alternation")
+    p.add_argument("--one-process", action="store_true",
+                   help="run fast and the --with-no-accel / --with-kernel-off modes in one child (one "
+                        "step's memory at a time; peak memory is then theirs together)")
     p.add_argument("--iters", type=int, default=5, help="timed iterations (the median is reported)")
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
@@ -451,18 +479,28 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error("labeled sample i pairs with unlabeled sample i: use equal batch sizes")
     if args.iters < 1:
         p.error("--iters must be >= 1")
-    if args.mode == "against" and not args.in_process:
-        p.error("use --against REV")
+    if any(m not in MODES for m in args.mode.split(",")):
+        p.error(f"--mode: one of {', '.join(MODES)}")
+    if args.mode != "fast" and not args.in_process:
+        p.error("use --against REV or the --with-* options")
+    if args.with_kernel_off:
+        from synfoc.accel import KERNELS
+        if args.with_kernel_off not in KERNELS:
+            p.error(f"--with-kernel-off {args.with_kernel_off}: not a kernel of synfoc.accel ({', '.join(KERNELS)})")
+    if args.one_process and (args.against or args.with_system_malloc):
+        p.error("--one-process runs modes of this checkout with the same allocator: not with --against "
+                "or --with-system-malloc")
     return args
 
 
 class Child:
-    """One mode's child process (:func:`serve`), driven line by line; ``code`` is the checkout whose
-    synfoc it imports."""
+    """The child process (:func:`serve`) of one mode, or of several with ``--one-process``, driven
+    line by line; ``code`` is the checkout whose synfoc it imports."""
 
-    def __init__(self, argv: list[str], mode: str, code: Path = ROOT) -> None:
-        cmd = [sys.executable, str(Path(__file__).resolve()), *argv, "--mode", mode, "--in-process"]
-        self.mode, self.code = mode, code
+    def __init__(self, argv: list[str], modes: tuple[str, ...], code: Path = ROOT) -> None:
+        cmd = [sys.executable, str(Path(__file__).resolve()), *argv, "--mode", ",".join(modes), "--in-process"]
+        self.modes, self.code = modes, code
+        self.mode = " + ".join(modes)  # for messages
         env = {**os.environ, "SYNFOC_BENCH_CODE": str(code)}
         self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
 
@@ -474,7 +512,8 @@ class Child:
         if code == -signal.SIGKILL:  # what the kernel's out-of-memory killer sends
             raise SystemExit(f"{self.mode} mode was killed (SIGKILL), most likely out of memory: the modes' "
                              "children run side by side, each with its own models and activations; compare "
-                             "fewer modes at once, or a configuration that fits twice (--grad-checkpointing)")
+                             "fewer modes at once, in one process (--one-process), or a configuration that "
+                             "fits twice (--grad-checkpointing)")
         raise SystemExit(f"{self.mode} mode failed (exit {code}); its error is above")
 
     def ask(self, command: str) -> str:
@@ -506,27 +545,37 @@ def worktree(rev: str):
 def run_alternating(argv: list[str], modes: tuple[str, ...], args, codes: dict[str, Path] | None = None) -> dict[str, dict]:
     """Build every mode's child, then time them one iteration at a time in alternation."""
     codes = codes or {}
-    children = [Child(argv, mode, codes.get(mode, ROOT)) for mode in modes]
+    shared = ("fast", "fast-no-accel", "fast-kernel-off")
+    if args.one_process:
+        groups = [tuple(m for m in modes if m in shared)] + [(m,) for m in modes if m not in shared]
+    else:
+        groups = [(m,) for m in modes]
+    children = [Child(argv, group, codes.get(group[0], ROOT)) for group in groups]
+    where = {mode: c for c in children for mode in c.modes}
+    results = {}
     try:
         for c in children:
             c.answer()  # built
         total = args.warmup + args.iters
         for t in range(total):
-            for c in children:
-                c.ask(f"step {t} {total} {int(t >= args.warmup)}")
-        results = {c.mode: json.loads(c.ask(f"finish {total}")) for c in children}
+            # the order turns every iteration, so that no mode always runs after the same one
+            for mode in (modes if t % 2 == 0 else modes[::-1]):
+                where[mode].ask(f"step {mode} {t} {total} {int(t >= args.warmup)}")
+        for mode in modes:
+            results[mode] = json.loads(where[mode].ask(f"finish {mode} {total}"))
     finally:
         for c in children:
             if c.proc.poll() is None:
                 c.proc.kill()
-    for c in children:  # the package each child really imported, and that checkout's commit
-        if not Path(results[c.mode]["synfoc_file"]).is_relative_to(c.code.resolve()):
-            raise SystemExit(f"{c.mode}: synfoc came from {results[c.mode]['synfoc_file']}, not {c.code}")
-        results[c.mode]["commit"] = git_describe(c.code)
+    for mode, c in where.items():  # the package each child really imported, and that checkout's commit
+        if not Path(results[mode]["synfoc_file"]).is_relative_to(c.code.resolve()):
+            raise SystemExit(f"{mode}: synfoc came from {results[mode]['synfoc_file']}, not {c.code}")
+        results[mode]["commit"] = git_describe(c.code)
     return results
 
 
 PER_MODE = ("s_per_iter", "s_min", "s_max", "s_iqr", "times", "warmup_times", "peak_mb", "precision", "flops",
+            "accel_kernels",
             "tflops_per_s",
             "flops_by_kind", "peak_tflops", "peak_source", "mfu", "commit", "synfoc_file", "trace", "profile")
 
@@ -552,6 +601,12 @@ def summarise(results: dict[str, dict], args) -> dict:
         out["against_ratio"] = out["fast_s"] / out["against_s"]
         out["against_speedup"] = out["against_s"] / out["fast_s"]
         out["against_paired_speedup"] = statistics.median(a / f for a, f in zip(out["against_times"], out["fast_times"]))
+    if "fast_s" in out and "fast-kernel-off_s" in out:
+        # what one kernel saves: the step without it over the step with every kernel
+        out["kernel_off"] = args.with_kernel_off
+        out["kernel_speedup"] = out["fast-kernel-off_s"] / out["fast_s"]
+        out["kernel_paired_speedup"] = statistics.median(
+            n / f for n, f in zip(out["fast-kernel-off_times"], out["fast_times"]))
     if "fast_s" in out and "fast-no-accel_s" in out:
         # what synfoc.accel's kernels save: the plain models' time over the accelerated ones'
         out["accel_kernels"] = args.accel_kernels or "auto"
@@ -601,6 +656,8 @@ def mode_label(mode: str, summary: dict, args) -> str:
     """The mode as the table and the CSV name it: the commit of ``against``, the kernels of ``fast``."""
     if mode == "against":
         return f"against {summary.get('against_rev', '')}"
+    if mode == "fast-kernel-off":
+        return f"fast without {args.with_kernel_off}"
     if mode == "fast" and not args.accel:
         return "fast no-accel"
     if mode == "fast" and args.accel_kernels:
@@ -642,6 +699,10 @@ def table(summary: dict, args) -> str:
     if "accel_speedup" in summary:
         lines.append(f"speed-up of synfoc.accel ({summary['accel_kernels']}) over the plain models: "
                      f"{summary['accel_speedup']:.2f}x (ratio of medians); {summary['accel_paired_speedup']:.2f}x "
+                     "(median of the ratios of back-to-back iterations)")
+    if "kernel_speedup" in summary:
+        lines.append(f"speed-up of synfoc.accel's {summary['kernel_off']} over the same step without it: "
+                     f"{summary['kernel_speedup']:.3f}x (ratio of medians); {summary['kernel_paired_speedup']:.3f}x "
                      "(median of the ratios of back-to-back iterations)")
     if "against_speedup" in summary:
         lines.append(f"speed-up of this code over {summary['against_rev']}: {summary['against_speedup']:.2f}x "
@@ -689,13 +750,15 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
     if args.in_process:
-        serve(args, args.mode)
+        serve(args, args.mode.split(","))
         return 0
     modes = (args.mode,)
     if args.with_system_malloc and "fast-system-malloc" not in modes:
         modes += ("fast-system-malloc",)
     if args.with_no_accel and "fast-no-accel" not in modes:
         modes += ("fast-no-accel",)
+    if args.with_kernel_off:
+        modes += ("fast-kernel-off",)
     with worktree(args.against) if args.against else _nothing() as other:
         if other is not None:
             if "fast" not in modes:

@@ -1,5 +1,6 @@
 """The speed benchmark still drives the training iteration as ``synfoc train`` runs it: one tiny
-configuration, both allocator modes, with and without synfoc.accel, finite losses. Its timings are not checked here (they belong
+configuration, both allocator modes, with and without synfoc.accel (or one of its kernels), in
+separate children or one, finite losses. Its timings are not checked here (they belong
 in benchmarks/results/), nor its own arithmetic (medians, CSV rows, MFU), which cannot fail for a
 reason of the product."""
 
@@ -41,6 +42,27 @@ def test_step_time_runs_the_training_iteration_in_its_modes():
         assert sum(kinds_ms.values()) >= sum(r["self_ms"] for r in profile)
         flops = summary[f"{mode}_flops_by_kind"]   # every counted FLOP is a matmul's or a convolution's
         assert set(flops) == {"matmul", "convolution"} and sum(flops.values()) == summary[f"{mode}_flops"]
+
+
+def test_step_time_one_process_runs_the_accel_modes_side_by_side_in_one_child():
+    """--one-process: fast, fast-no-accel and fast-kernel-off alternate in one child (one peak
+    memory for them all); the kernel-off mode has every kernel of the fast mode but the one named."""
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "step_time.py"), *TINY, "--one-process", "--with-no-accel",
+           "--with-kernel-off", "tinyvit_attention", "--accel-kernels", "tinyvit_attention,channel_layer_norm",
+           "--iters", "2", "--warmup", "1", "--no-flops", "--peak-tflops", "1", "--no-csv", "--json"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert summary["fast_accel_kernels"] == ["tinyvit_attention", "channel_layer_norm"]
+    assert summary["fast-kernel-off_accel_kernels"] == ["channel_layer_norm"]
+    assert summary["fast-no-accel_accel_kernels"] == []
+    assert summary["kernel_off"] == "tinyvit_attention" and summary["kernel_speedup"] > 0
+    for mode in ("fast", "fast-no-accel", "fast-kernel-off"):
+        assert len(summary[f"{mode}_times"]) == 2 and all(t > 0 for t in summary[f"{mode}_times"])
+    assert summary["peak_memory_kind"].endswith("of one process running fast, fast-no-accel, fast-kernel-off")
+    refused = subprocess.run([*cmd[:2], *TINY, "--one-process", "--with-system-malloc", "--no-csv"],
+                             capture_output=True, text=True, timeout=120)
+    assert refused.returncode != 0 and "--one-process" in refused.stderr
 
 
 def test_input_size_validation_split_is_carved_from_training_data():
