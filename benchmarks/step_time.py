@@ -363,7 +363,7 @@ def serve(args, modes: list[str]) -> None:
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     print("@@ready", flush=True)
-    peak = None
+    peak, peak_mb = None, None
     for line in sys.stdin:
         command, mode, *values = line.split()
         runner = runners[mode]
@@ -378,10 +378,12 @@ def serve(args, modes: list[str]) -> None:
         elif command == "finish":
             total = int(values[0])
             bf16 = runner.rt.dtype is not None
+            # the timed steps' peak, read before any mode's FLOP count or profile adds its own
+            peak_mb = peak_mb or peak_memory_mb(device)
             # before the FLOP count and the matmul, which add nothing the training loop would hold
             result = {"mode": mode, "device": device_name(device), "device_model": device_description(device),
                       **spread(times[mode]), "times": times[mode], "warmup_times": warmup[mode],
-                      "peak_mb": peak_memory_mb(device),
+                      "peak_mb": peak_mb,
                       "peak_memory_kind": ("cuda max_memory_allocated" if device.type == "cuda" else "cpu peak RSS")
                       + (f" of one process running {', '.join(modes)}" if len(modes) > 1 else ""),
                       "precision": "bf16" if bf16 else "fp32", "threads": torch.get_num_threads(),
