@@ -196,7 +196,7 @@ def train(cfg: TrainConfig, out: Path, resume: bool = False, progress: bool = Tr
     say(parameter_summary(models))
     if any(isinstance(m, CompiledSamViTBlock) for model in models.values() for m in model.modules()):
         say("the SAM ViT encoder blocks train compiled (torch.compile, on this AMX CPU): "
-            "the first iteration compiles them, which takes a minute or two")
+            "the first iteration compiles them (up to about a minute)")
 
     labeled = load_arrays(index, labeled_cases, list(sizes.values()), progress and rt.master)
     unlabeled = load_arrays(index, unlabeled_cases, list(sizes.values()), progress and rt.master)
