@@ -182,7 +182,9 @@ _COMPILE_FAILED: list[Exception] = []
 
 @functools.cache
 def _compiled(forward: Callable) -> Callable:
-    return torch.compile(forward)
+    # static shapes: a training run sees one batch shape per block kind, and a second shape gets a
+    # graph of its own rather than one generic in the batch size
+    return torch.compile(forward, dynamic=False)
 
 
 @functools.cache

@@ -36,7 +36,11 @@ def saved_activation_bytes(model: nn.Module, inputs: torch.Tensor, autocast=cont
         return t
 
     params = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), autocast():
+    # Eagerly: torch.compile'd parts (synfoc.accel's compiled blocks, --compile) would compile for
+    # the probe's one sample, then again for the training batch. The compiled blocks keep about as
+    # much for backward as the eager ones, which the margin covers.
+    with (torch.compiler.set_stance("force_eager"),
+          torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), autocast()):
         model(inputs)
     # A parameter saved for backward (a weight for the input gradient) costs nothing extra.
     return sum(n for (ptr, _), n in storages.items() if ptr not in params)

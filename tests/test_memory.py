@@ -27,6 +27,17 @@ def test_saved_activations_under_autocast_count_the_bf16_copies():
     assert bf16 == 4 * (64 + 128) * 2 + (64 * 128 + 128 * 32) * 2
 
 
+def test_the_probe_runs_compiled_code_eagerly():
+    """A torch.compile'd model is probed eagerly: the same count as the plain model, and no graph
+    compiled for the probe's sample (training would compile again for its batch)."""
+    from torch._dynamo.utils import counters
+    net = nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 32))
+    x = torch.rand(3, 64, requires_grad=True)
+    graphs = counters["stats"]["unique_graphs"]
+    assert saved_activation_bytes(torch.compile(net), x) == saved_activation_bytes(net, x)
+    assert counters["stats"]["unique_graphs"] == graphs
+
+
 def test_parameter_bytes_count_gradients_and_optimizer_states():
     net = nn.Sequential(nn.Linear(10, 10), nn.Linear(10, 2))  # 110 + 22 parameters
     net[0].requires_grad_(False)
